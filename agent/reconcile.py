@@ -1,0 +1,273 @@
+"""Turn a desired state from the coordinator into config writes and process changes.
+
+Order on one host, so a worker never starts against a config that lacks its
+entry and the control process never dials a list older than the workers:
+  1. write config.yml (atomic, previous file kept as config.yml.bak)
+  2. stop cores no longer assigned
+  3. restart cores whose bind address changed
+  4. start new cores
+  5. start or restart the control process, only when its worker list changed
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+
+from ..common import nodeconfig
+from ..common.errors import ConfigError
+from ..common.states import ALIVE_STATES, State
+from ..common.yamlio import write_atomic
+from .config import AgentConfig
+from .supervisor import ProcessSpec, Supervisor
+
+log = logging.getLogger(__name__)
+
+# Limits on what one Apply may ask for; larger requests are rejected as invalid.
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_CORES = 4096
+CONTROL = 0
+
+
+class RequestError(Exception):
+    """Raised when a request cannot be carried out; holds the gRPC status to return."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class DesiredState:
+    config_sha256: str = ""
+    config_generation: int = 0
+    node_generation: str = ""
+    cores: list[int] = field(default_factory=list)
+    run_control: bool = False
+    # Hash of the worker list(s) the running control process was started with.
+    control_lists_sha256: str = ""
+
+
+@dataclass
+class ApplyResult:
+    changed: bool = False
+    config_changed: bool = False
+    started: list[int] = field(default_factory=list)
+    stopped: list[int] = field(default_factory=list)
+    restarted: list[int] = field(default_factory=list)
+    control: str = "none"  # none, started, restarted, stopped, held
+
+
+@dataclass(frozen=True)
+class _Plan:
+    config_text: str
+    config_sha256: str
+    generation: str
+    specs: dict[int, ProcessSpec]
+    lists_sha256: str
+
+
+class Reconciler:
+    """Holds the desired state and applies it, one request at a time."""
+
+    def __init__(self, config: AgentConfig, supervisor: Supervisor) -> None:
+        self.config = config
+        self.supervisor = supervisor
+        self.lock = threading.Lock()
+        self.desired_path = config.state_dir / "desired.json"
+        self.config_path = config.node_config_dir / "config.yml"
+        self.desired = self._load_desired()
+
+    # -- entry points ----------------------------------------------------------
+
+    def apply(self, config_yaml: bytes, config_sha256: str, config_generation: int, generation: str,
+              cores: list[int], run_control: bool, hold_control: bool) -> ApplyResult:
+        plan = self._plan(config_yaml, config_sha256, generation, cores, run_control)
+        result = ApplyResult()
+        result.config_changed = self._write_config(plan)
+        self._converge_workers(plan, result)
+        self._converge_control(plan, run_control, hold_control, result)
+        self.desired.config_sha256 = plan.config_sha256
+        self.desired.config_generation = config_generation
+        self.desired.node_generation = generation
+        self.desired.cores = sorted(cores)
+        self.desired.run_control = run_control
+        self._save_desired()
+        result.changed = bool(
+            result.config_changed or result.started or result.stopped or result.restarted
+            or result.control in ("started", "restarted", "stopped")
+        )
+        return result
+
+    def stop_all(self) -> list[int]:
+        cores = sorted(self.supervisor.specs())
+        stopped = self.supervisor.stop([c for c in cores if c != CONTROL])
+        stopped += self.supervisor.stop([CONTROL]) if CONTROL in cores else []
+        self.desired = DesiredState(
+            config_sha256=self.desired.config_sha256, config_generation=self.desired.config_generation,
+            node_generation=self.desired.node_generation,
+        )
+        self._save_desired()
+        return sorted(stopped)
+
+    def restore(self) -> None:
+        """Start the processes of the persisted desired state after an agent or host restart."""
+        desired = self.desired
+        if not desired.cores and not desired.run_control:
+            return
+        try:
+            text = self.config_path.read_bytes()
+        except OSError as err:
+            log.error("restore skipped: cannot read %s (%s); run quil-coord apply", self.config_path, err)
+            return
+        if hashlib.sha256(text).hexdigest() != desired.config_sha256:
+            log.error("restore skipped: %s changed since the last apply; run quil-coord apply", self.config_path)
+            return
+        plan = self._plan(text, desired.config_sha256, desired.node_generation, desired.cores, desired.run_control)
+        result = ApplyResult()
+        self._converge_workers(plan, result)
+        self.desired.control_lists_sha256 = ""
+        self._converge_control(plan, desired.run_control, False, result)
+        self._save_desired()
+        log.info("restored: %d workers, control process %s", len(result.started), result.control)
+
+    # -- validation --------------------------------------------------------------
+
+    def _plan(self, config_yaml: bytes, config_sha256: str, generation: str, cores: list[int],
+              run_control: bool) -> _Plan:
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        if len(config_yaml) > MAX_CONFIG_BYTES:
+            raise RequestError(invalid, f"config is {len(config_yaml)} bytes; the limit is {MAX_CONFIG_BYTES}")
+        if hashlib.sha256(config_yaml).hexdigest() != config_sha256:
+            raise RequestError(invalid, "config_sha256 does not match the config content; nothing was written")
+        if generation not in nodeconfig.GENERATIONS:
+            raise RequestError(invalid, f"unknown node generation '{generation}'; use 1.4, 2.0 or 2.1")
+        if len(cores) > MAX_CORES or len(set(cores)) != len(cores) or any(c < 1 for c in cores):
+            raise RequestError(invalid, f"cores must be distinct indices from 1 to {MAX_CORES}")
+        try:
+            text = config_yaml.decode("utf-8")
+            parsed = nodeconfig.load(text, source="config.yml from the coordinator")
+            addresses = nodeconfig.worker_addresses(parsed, generation)
+            lists = parsed.worker_lists(generation)
+        except UnicodeDecodeError as err:
+            raise RequestError(invalid, f"config is not UTF-8 text (byte {err.start})") from err
+        except ConfigError as err:
+            raise RequestError(invalid, str(err)) from err
+        specs = {core: self._worker_spec(core, addresses, len(addresses)) for core in cores}
+        if run_control:
+            specs[CONTROL] = self._control_spec()
+        lists_sha = hashlib.sha256(json.dumps([lists.p2p, lists.stream]).encode()).hexdigest()
+        return _Plan(text, config_sha256, generation, specs, lists_sha)
+
+    def _worker_spec(self, core: int, addresses: dict, count: int) -> ProcessSpec:
+        failed = grpc.StatusCode.FAILED_PRECONDITION
+        if core not in addresses:
+            raise RequestError(failed, f"core {core} has no entry in the worker list (length {count})")
+        address = addresses[core]
+        own = ipaddress.ip_address(self.config.worker_address)
+        binds = [address.listen] + ([address.p2p] if address.p2p is not None else [])
+        for bind in binds:
+            if bind.ip != own:
+                raise RequestError(
+                    failed,
+                    f"core {core} would bind {bind}, but this host's worker_address is {own};"
+                    " fix the host's address in the coordinator inventory",
+                )
+        argv = (str(self.config.node_binary), "--config", str(self.config.node_config_dir),
+                "--core", str(core), "--parent-process", str(os.getpid()), *self.config.node_args)
+        return self._spec(core, argv, (str(address.listen.ip), address.listen.port), str(address.listen),
+                          tuple(str(b) for b in binds))
+
+    def _control_spec(self) -> ProcessSpec:
+        argv = (str(self.config.node_binary), "--config", str(self.config.node_config_dir), *self.config.node_args)
+        return self._spec(CONTROL, argv, None, "", ())
+
+    def _spec(self, core: int, argv: tuple[str, ...], listen: tuple[str, int] | None, listen_text: str,
+              binds: tuple[str, ...]) -> ProcessSpec:
+        name = "control.log" if core == CONTROL else f"worker-{core}.log"
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **self.config.node_env}
+        return ProcessSpec(core=core, argv=argv, cwd=self.config.work_dir, env=env,
+                           log_path=self.config.log_dir / name, listen=listen,
+                           listen_multiaddr=listen_text, binds=binds)
+
+    # -- the steps -----------------------------------------------------------------
+
+    def _write_config(self, plan: _Plan) -> bool:
+        try:
+            current = self.config_path.read_bytes()
+        except FileNotFoundError:
+            current = None
+        data = plan.config_text.encode("utf-8")
+        if current == data:
+            return False
+        self.config.node_config_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # config.yml carries the node's private keys, so only the owner may read it.
+        write_atomic(self.config_path, data, mode=0o600, backup=current is not None)
+        log.info("wrote: %s (sha256 %s)", self.config_path, plan.config_sha256[:12])
+        return True
+
+    def _converge_workers(self, plan: _Plan, result: ApplyResult) -> None:
+        current = {c: s for c, s in self.supervisor.specs().items() if c != CONTROL}
+        states = self.supervisor.states()
+        wanted = {c: s for c, s in plan.specs.items() if c != CONTROL}
+        gone = sorted(set(current) - set(wanted))
+        moved = sorted(c for c in set(current) & set(wanted) if current[c].binds != wanted[c].binds)
+        # A FATAL worker gets a fresh start from every apply that still lists it.
+        revived = sorted(c for c in set(current) & set(wanted)
+                         if c not in moved and states.get(c) in (State.FATAL, State.STOPPED, State.EXITED))
+        new = sorted(set(wanted) - set(current))
+        result.stopped = self.supervisor.stop(gone) if gone else []
+        if moved:
+            self.supervisor.stop(moved)
+        for core in moved + revived + new:
+            self.supervisor.start(wanted[core])
+        result.restarted = moved + revived
+        result.started = new
+
+    def _converge_control(self, plan: _Plan, run_control: bool, hold: bool, result: ApplyResult) -> None:
+        state = self.supervisor.states().get(CONTROL)
+        alive = state in ALIVE_STATES or state == State.BACKOFF
+        if not run_control:
+            if state is not None:
+                self.supervisor.stop([CONTROL])
+                result.control = "stopped" if alive else "none"
+            return
+        if alive and self.desired.control_lists_sha256 == plan.lists_sha256:
+            return
+        if hold:
+            result.control = "held"
+            return
+        if state is not None:
+            self.supervisor.stop([CONTROL])
+        self.supervisor.start(plan.specs[CONTROL])
+        self.desired.control_lists_sha256 = plan.lists_sha256
+        result.control = "restarted" if alive else "started"
+
+    # -- persistence -----------------------------------------------------------------
+
+    def _load_desired(self) -> DesiredState:
+        try:
+            data = json.loads(self.desired_path.read_text())
+            return DesiredState(**data)
+        except FileNotFoundError:
+            return DesiredState()
+        except (OSError, ValueError, TypeError) as err:
+            log.error("desired state %s unreadable (%s); waiting for the coordinator", self.desired_path, err)
+            return DesiredState()
+
+    def _save_desired(self) -> None:
+        write_atomic(self.desired_path, json.dumps(asdict(self.desired), indent=1).encode(), mode=0o600)
+
+
+def generation_name(value: int) -> str:
+    """Map the NodeGeneration enum number to '1.4', '2.0' or '2.1' ('' when unknown)."""
+    return {1: "1.4", 2: "2.0", 3: "2.1"}.get(value, "")

@@ -1,0 +1,215 @@
+"""The agent's gRPC service and the one place that assembles the server."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from concurrent import futures
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import psutil
+
+from .. import __version__
+from ..common import tls
+from ..common.states import State
+from ..proto import agent_pb2 as pb
+from ..proto import agent_pb2_grpc as pb_grpc
+from .config import AgentConfig
+from .reconcile import CONTROL, Reconciler, RequestError, generation_name
+from .supervisor import Policy, ProcessInfo, Supervisor, stop_leftovers
+
+log = logging.getLogger(__name__)
+
+_SERVICE = "/quil_cluster.agent.v1.Agent/"
+_READERS = frozenset({"coordinator", "observer"})
+_WRITERS = frozenset({"coordinator"})
+# Roles allowed per method; a method missing here is denied to everyone.
+POLICY = {
+    _SERVICE + "GetHostFacts": _READERS,
+    _SERVICE + "GetStatus": _READERS,
+    _SERVICE + "WatchStatus": _READERS,
+    _SERVICE + "Apply": _WRITERS,
+    _SERVICE + "StopAll": _WRITERS,
+}
+
+# Bounds on what one client can make the server hold.
+MAX_RECEIVE_BYTES = 2 * 1024 * 1024
+MAX_SEND_BYTES = 16 * 1024 * 1024
+MAX_CONCURRENT_RPCS = 64
+MAX_WATCHERS = 8
+# Longest a WatchStatus stream runs; the client opens a new one after it.
+MAX_WATCH_SECONDS = 3600.0
+
+_STATE_ENUM = {state: pb.ProcessState.Value(f"PROCESS_STATE_{state.name}") for state in State}
+_CONTROL_ENUM = {
+    "none": pb.CONTROL_ACTION_NONE, "started": pb.CONTROL_ACTION_STARTED,
+    "restarted": pb.CONTROL_ACTION_RESTARTED, "stopped": pb.CONTROL_ACTION_STOPPED,
+    "held": pb.CONTROL_ACTION_HELD,
+}
+
+
+class AgentService(pb_grpc.AgentServicer):
+    def __init__(self, config: AgentConfig, reconciler: Reconciler) -> None:
+        self.config = config
+        self.reconciler = reconciler
+        self._watchers = threading.BoundedSemaphore(MAX_WATCHERS)
+        self._binary_hash: tuple[tuple[int, int], str] | None = None
+
+    def GetHostFacts(self, request: pb.GetHostFactsRequest, context: grpc.ServicerContext) -> pb.HostFacts:
+        return pb.HostFacts(
+            hostname=socket.gethostname(),
+            logical_cpus=psutil.cpu_count() or 0,
+            physical_cpus=psutil.cpu_count(logical=False) or 0,
+            memory_bytes=psutil.virtual_memory().total,
+            agent_version=__version__,
+            node_binary_path=str(self.config.node_binary),
+            node_binary_sha256=self._node_binary_sha256(),
+            worker_address=self.config.worker_address,
+            node_config_dir=str(self.config.node_config_dir),
+        )
+
+    def Apply(self, request: pb.ApplyRequest, context: grpc.ServicerContext) -> pb.ApplyResponse:
+        timeout = context.time_remaining()
+        if not self.reconciler.lock.acquire(timeout=max(0.0, (timeout or 30.0) - 1.0)):
+            context.abort(grpc.StatusCode.ABORTED, "another apply is still running on this agent; retry")
+        try:
+            result = self.reconciler.apply(
+                bytes(request.config_yaml), request.config_sha256, request.config_generation,
+                generation_name(request.node_generation), list(request.cores), request.run_control,
+                request.hold_control,
+            )
+        except RequestError as err:
+            log.warning("apply rejected: %s (from %s)", err.message, context.peer())
+            context.abort(err.code, err.message)
+        finally:
+            self.reconciler.lock.release()
+        return pb.ApplyResponse(
+            changed=result.changed, config_changed=result.config_changed, started=result.started,
+            stopped=result.stopped, restarted=result.restarted, control=_CONTROL_ENUM[result.control],
+        )
+
+    def StopAll(self, request: pb.StopAllRequest, context: grpc.ServicerContext) -> pb.StopAllResponse:
+        with self.reconciler.lock:
+            return pb.StopAllResponse(stopped=self.reconciler.stop_all())
+
+    def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
+        return self._status()
+
+    def WatchStatus(self, request: pb.WatchStatusRequest,
+                    context: grpc.ServicerContext) -> Iterator[pb.StatusResponse]:
+        if not self._watchers.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_WATCHERS} status watches at once")
+        try:
+            interval = min(60.0, max(0.2, request.interval_seconds or 1.0))
+            end = time.monotonic() + MAX_WATCH_SECONDS
+            while context.is_active() and time.monotonic() < end:
+                yield self._status()
+                time.sleep(interval)
+        finally:
+            self._watchers.release()
+
+    def _status(self) -> pb.StatusResponse:
+        desired = self.reconciler.desired
+        return pb.StatusResponse(
+            hostname=socket.gethostname(), config_generation=desired.config_generation,
+            config_sha256=desired.config_sha256,
+            processes=[_process_status(info) for info in self.reconciler.supervisor.snapshot()],
+        )
+
+    def _node_binary_sha256(self) -> str:
+        path = self.config.node_binary
+        try:
+            stat = path.stat()
+        except OSError:
+            return ""
+        key = (stat.st_mtime_ns, stat.st_size)
+        if self._binary_hash is None or self._binary_hash[0] != key:
+            self._binary_hash = (key, _file_sha256(path))
+        return self._binary_hash[1]
+
+
+def _process_status(info: ProcessInfo) -> pb.ProcessStatus:
+    return pb.ProcessStatus(
+        core=info.core, pid=info.pid, state=_STATE_ENUM[info.state], start_time=info.start_time,
+        restarts=info.restarts, has_last_exit=info.last_exit is not None,
+        last_exit_status=info.last_exit or 0, cpu_percent=info.cpu_percent, rss_bytes=info.rss_bytes,
+        listen_address=info.listen_address, listening=info.listening, detail=info.detail,
+    )
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Agent:
+    """A running agent: supervisor, reconciler and gRPC server."""
+
+    def __init__(self, server: grpc.Server, supervisor: Supervisor, reconciler: Reconciler, port: int) -> None:
+        self.server = server
+        self.supervisor = supervisor
+        self.reconciler = reconciler
+        self.port = port
+
+    def stop(self, stop_processes: bool = True) -> None:
+        self.server.stop(grace=2.0).wait(5.0)
+        if stop_processes:
+            with self.reconciler.lock:
+                self.supervisor.stop(sorted(c for c in self.supervisor.specs() if c != CONTROL))
+                self.supervisor.stop([CONTROL])
+        self.supervisor.close()
+
+
+def build_server(config: AgentConfig) -> Agent:
+    """Assemble and start the agent, in order:
+
+    1. create the state and log directories (owner only)
+    2. stop processes an earlier run of this agent left behind
+    3. start the supervisor loop and restore the persisted desired state
+    4. serve the Agent API over mutual TLS with per-method authorization
+    """
+    # 1. directories
+    for directory in (config.state_dir, config.log_dir):
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key_pem, cert_pem, ca_pem = (p.read_bytes() for p in (config.tls.key, config.tls.cert, config.tls.ca))
+
+    # 2. leftovers
+    policy = Policy(start_seconds=config.start_seconds, stop_grace_seconds=config.stop_grace_seconds,
+                    log_max_bytes=config.log_max_bytes, log_backups=config.log_backups)
+    table = config.state_dir / "processes.json"
+    stopped = stop_leftovers(table, policy.stop_grace_seconds)
+    if stopped:
+        log.info("stopped %d processes left by an earlier run: cores %s", len(stopped), stopped)
+
+    # 3. supervisor and desired state
+    supervisor = Supervisor(table, policy, instance_id=f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    supervisor.begin()
+    reconciler = Reconciler(config, supervisor)
+    with reconciler.lock:
+        reconciler.restore()
+
+    # 4. gRPC server
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rpc"),
+        interceptors=[tls.AuthorizationInterceptor(config.cluster, POLICY)],
+        options=[
+            ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+            ("grpc.max_send_message_length", MAX_SEND_BYTES),
+        ],
+        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+    )
+    pb_grpc.add_AgentServicer_to_server(AgentService(config, reconciler), server)
+    port = server.add_secure_port(config.listen, tls.server_credentials(key_pem, cert_pem, ca_pem))
+    server.start()
+    log.info("listening: agent API on %s (mutual TLS, cluster %s)", config.listen, config.cluster)
+    return Agent(server, supervisor, reconciler, port)

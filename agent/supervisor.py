@@ -1,0 +1,489 @@
+"""Start, watch, restart and stop the node's processes on one host.
+
+One thread owns the event loop: it waits on a pidfd per live process, so an
+exit is noticed at once without polling, and it runs the timers (backoff,
+start confirmation, log rotation). RPC threads call start() and stop(); they
+change the table under the lock and wake the loop through a pipe.
+
+Processes are created by fork+exec only (subprocess with close_fds and no
+preexec_fn, which CPython runs through vfork), so no Python code and no gRPC
+state runs in the child between fork and exec. Each process gets its own
+process group, and stopping signals the whole group: SIGTERM, the grace
+period, then SIGKILL. A process is identified by pid and create time, never
+by name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import selectors
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import psutil
+
+from ..common.states import ALIVE_STATES, State
+from ..common.yamlio import write_atomic
+from . import listeners
+
+log = logging.getLogger(__name__)
+
+# Environment variable set in every node process the agent starts; its value
+# is the agent's instance id, so a later run can tell its own processes apart.
+MARKER_ENV = "QUIL_CLUSTER_AGENT_INSTANCE"
+
+
+@dataclass(frozen=True)
+class Policy:
+    # Seconds a process must stay up (or listen) to count as started.
+    start_seconds: float = 1.0
+    # Seconds between SIGTERM and SIGKILL.
+    stop_grace_seconds: float = 10.0
+    # Backoff after the second consecutive failure, doubling up to the cap (seconds).
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+    # Seconds of RUNNING after which earlier failures no longer raise the backoff.
+    stable_seconds: float = 10.0
+    # This many unexpected exits within the window end in FATAL; it cannot be disabled.
+    crash_limit: int = 10
+    crash_window: float = 60.0
+    # Log rotation: size limit in bytes and rotated copies kept.
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_backups: int = 3
+
+
+def backoff_delay(failures: int, policy: Policy, rng: Callable[[], float] = random.random) -> float:
+    """Seconds to wait before restart number `failures` in a row.
+
+    The first restart is immediate; later ones back off exponentially with
+    +/-20 % jitter so a fleet of crashing workers does not restart in step.
+    """
+    if failures <= 1:
+        return 0.0
+    delay = min(policy.backoff_cap, policy.backoff_base * 2 ** (failures - 2))
+    return delay * (0.8 + 0.4 * rng())
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    core: int
+    argv: tuple[str, ...]
+    cwd: Path
+    env: dict[str, str]
+    log_path: Path
+    # (ip, port) the process should listen on, if any.
+    listen: tuple[str, int] | None = None
+    listen_multiaddr: str = ""
+    # Every multiaddr the process binds; a change means a restart.
+    binds: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return "control process" if self.core == 0 else f"worker core={self.core}"
+
+
+@dataclass
+class ProcessInfo:
+    core: int
+    pid: int
+    state: State
+    start_time: float
+    restarts: int
+    last_exit: int | None
+    cpu_percent: float
+    rss_bytes: int
+    listen_address: str
+    listening: bool
+    detail: str
+
+
+@dataclass
+class _Record:
+    spec: ProcessSpec
+    state: State = State.STOPPED
+    desired: bool = True
+    popen: subprocess.Popen[bytes] | None = None
+    pidfd: int | None = None
+    create_time: float = 0.0
+    start_wall: float = 0.0
+    start_mono: float = 0.0
+    restarts: int = 0
+    failures_in_row: int = 0
+    last_exit: int | None = None
+    next_start: float = 0.0
+    detail: str = ""
+    crashes: deque[float] = field(default_factory=deque)
+    exited: threading.Event = field(default_factory=threading.Event)
+    ps: psutil.Process | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid if self.popen is not None and self.state in ALIVE_STATES else 0
+
+
+class Supervisor:
+    """The table of supervised processes and the thread that keeps it true."""
+
+    def __init__(self, table_path: Path, policy: Policy, instance_id: str) -> None:
+        self.policy = policy
+        self._table_path = table_path
+        self._instance_id = instance_id
+        self._records: dict[int, _Record] = {}
+        self._lock = threading.RLock()
+        self._selector = selectors.DefaultSelector()
+        self._to_register: list[_Record] = []
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._closing = False
+        self._table_dirty = False
+        self._next_rotation = 0.0
+        self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
+
+    # -- public API, called from RPC threads -------------------------------
+
+    def begin(self) -> None:
+        self._thread.start()
+
+    def specs(self) -> dict[int, ProcessSpec]:
+        with self._lock:
+            return {core: rec.spec for core, rec in self._records.items()}
+
+    def states(self) -> dict[int, State]:
+        with self._lock:
+            return {core: rec.state for core, rec in self._records.items()}
+
+    def start(self, spec: ProcessSpec) -> None:
+        """Add spec to the table and spawn it now; a running process of that core is an error."""
+        with self._lock:
+            current = self._records.get(spec.core)
+            if current is not None and current.state in ALIVE_STATES:
+                raise RuntimeError(f"{spec.label} is already running (pid {current.pid})")
+            record = _Record(spec=spec)
+            self._records[spec.core] = record
+            self._spawn(record, restart=False)
+        self._wake()
+
+    def stop(self, cores: list[int]) -> list[int]:
+        """Stop the given cores: SIGTERM to each group, the grace period, then SIGKILL.
+
+        Returns the cores whose process was alive and has now exited.
+        """
+        alive = self._signal_stop(cores)
+        deadline = time.monotonic() + self.policy.stop_grace_seconds
+        for record in alive:
+            record.exited.wait(max(0.0, deadline - time.monotonic()))
+        for record in alive:
+            if not record.exited.is_set():
+                self._kill(record)
+        for record in alive:
+            record.exited.wait(5.0)
+        with self._lock:
+            for core in cores:
+                record = self._records.get(core)
+                if record is not None and record.state not in ALIVE_STATES:
+                    del self._records[core]
+            self._table_dirty = True
+        self._wake()
+        return sorted(r.spec.core for r in alive if r.exited.is_set())
+
+    def snapshot(self) -> list[ProcessInfo]:
+        table = listeners.listening()
+        with self._lock:
+            return [self._info(rec, table) for _, rec in sorted(self._records.items())]
+
+    def close(self) -> None:
+        """Stop the loop thread; supervised processes keep running."""
+        self._closing = True
+        self._wake()
+        if self._thread.is_alive():
+            self._thread.join(5.0)
+
+    # -- spawning and stopping ---------------------------------------------
+
+    def _spawn(self, record: _Record, restart: bool) -> None:
+        spec = record.spec
+        env = dict(spec.env, **{MARKER_ENV: self._instance_id})
+        try:
+            self._rotate_if_large(spec.log_path)
+            with open(spec.log_path, "ab") as output:
+                record.popen = subprocess.Popen(
+                    spec.argv, cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL, stdout=output,
+                    stderr=subprocess.STDOUT, close_fds=True, process_group=0,
+                )
+        except OSError as err:
+            record.popen = None
+            record.state = State.BACKOFF
+            self._record_failure(record, f"spawn failed: {err.strerror or err}")
+            log.error("spawn failed: %s (%s)", spec.label, err)
+            return
+        record.pidfd = os.pidfd_open(record.popen.pid)
+        record.exited.clear()
+        record.state = State.STARTING
+        record.start_wall = time.time()
+        record.start_mono = time.monotonic()
+        record.detail = ""
+        if restart:
+            record.restarts += 1
+        try:
+            record.ps = psutil.Process(record.popen.pid)
+            record.create_time = record.ps.create_time()
+        except psutil.Error:
+            record.ps = None
+        self._to_register.append(record)
+        self._table_dirty = True
+        log.info("started: %s (pid %d)", spec.label, record.popen.pid)
+
+    def _signal_stop(self, cores: list[int]) -> list[_Record]:
+        alive = []
+        with self._lock:
+            for core in cores:
+                record = self._records.get(core)
+                if record is None:
+                    continue
+                record.desired = False
+                if record.state in ALIVE_STATES and record.popen is not None:
+                    record.state = State.STOPPING
+                    _signal_group(record.popen.pid, signal.SIGTERM)
+                    log.info("stopping: %s (pid %d, SIGTERM)", record.spec.label, record.popen.pid)
+                    alive.append(record)
+                else:
+                    record.state = State.STOPPED
+        return alive
+
+    def _kill(self, record: _Record) -> None:
+        with self._lock:
+            if record.popen is None or record.popen.returncode is not None:
+                return
+            log.warning(
+                "%s (pid %d) still running %.1f s after SIGTERM (stop_grace_seconds); sending SIGKILL",
+                record.spec.label, record.popen.pid, self.policy.stop_grace_seconds,
+            )
+            _signal_group(record.popen.pid, signal.SIGKILL)
+
+    # -- the event loop -----------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._closing:
+            with self._lock:
+                self._register_new()
+                timeout = self._run_timers(time.monotonic())
+            for key, _ in self._selector.select(timeout):
+                if key.data is None:
+                    _drain(self._wake_r)
+                else:
+                    with self._lock:
+                        self._on_exit(key.data)
+            with self._lock:
+                self._flush_table()
+
+    def _register_new(self) -> None:
+        for record in self._to_register:
+            if record.pidfd is not None:
+                self._selector.register(record.pidfd, selectors.EVENT_READ, record)
+        self._to_register.clear()
+
+    def _on_exit(self, record: _Record) -> None:
+        assert record.popen is not None
+        code = record.popen.poll()
+        if code is None:
+            return
+        self._selector.unregister(record.pidfd)
+        os.close(record.pidfd)  # type: ignore[arg-type]
+        record.pidfd = None
+        record.last_exit = code
+        self._table_dirty = True
+        if record.state == State.STOPPING or not record.desired:
+            # STOPPING -> STOPPED
+            record.state = State.STOPPED
+            log.info("stopped: %s (pid %d, exit status %d)", record.spec.label, record.popen.pid, code)
+        else:
+            # STARTING/RUNNING -> BACKOFF, or FATAL when crashing in a loop
+            record.state = State.BACKOFF
+            self._record_failure(record, f"exit status {code}")
+        record.exited.set()
+
+    def _record_failure(self, record: _Record, reason: str) -> None:
+        now = time.monotonic()
+        record.crashes.append(now)
+        while record.crashes and record.crashes[0] < now - self.policy.crash_window:
+            record.crashes.popleft()
+        if len(record.crashes) >= self.policy.crash_limit:
+            record.state = State.FATAL
+            record.detail = (
+                f"{len(record.crashes)} failures in {self.policy.crash_window:.0f} s, last: {reason};"
+                " fix the cause, then apply again"
+            )
+            log.error("fatal: %s (%s)", record.spec.label, record.detail)
+            return
+        record.failures_in_row += 1
+        delay = backoff_delay(record.failures_in_row, self.policy)
+        record.next_start = now + delay
+        record.detail = f"{reason}; restarting in {delay:.1f} s"
+        log.warning("exited: %s (%s; not expected, restarting in %.1f s)", record.spec.label, reason, delay)
+
+    def _run_timers(self, now: float) -> float | None:
+        """Act on due timers; return seconds until the next one (None: no timer)."""
+        waits: list[float] = []
+        table: set[tuple[str, int]] | None = None
+        for record in list(self._records.values()):
+            if record.state == State.BACKOFF and record.desired:
+                if now >= record.next_start:
+                    self._spawn(record, restart=True)
+                else:
+                    waits.append(record.next_start - now)
+            if record.state == State.STARTING:
+                if table is None and record.spec.listen is not None:
+                    table = listeners.listening()
+                if self._started(record, now, table):
+                    # STARTING -> RUNNING
+                    record.state = State.RUNNING
+                    log.info("running: %s (pid %d)", record.spec.label, record.pid)
+                else:
+                    waits.append(0.05)
+            if record.state == State.RUNNING and record.failures_in_row:
+                stable_at = record.start_mono + self.policy.stable_seconds
+                if now >= stable_at:
+                    record.failures_in_row = 0
+                else:
+                    waits.append(stable_at - now)
+        if self._to_register:
+            waits.append(0.0)
+        waits.append(self._rotate_logs(now))
+        return max(0.0, min(waits))
+
+    def _started(self, record: _Record, now: float, table: set[tuple[str, int]] | None) -> bool:
+        if now - record.start_mono >= self.policy.start_seconds:
+            return True
+        listen = record.spec.listen
+        return listen is not None and table is not None and listeners.is_listening(listen[0], listen[1], table)
+
+    # -- status, logs and the persisted table -------------------------------
+
+    def _info(self, record: _Record, table: set[tuple[str, int]]) -> ProcessInfo:
+        cpu, rss = 0.0, 0
+        if record.ps is not None and record.state in ALIVE_STATES:
+            try:
+                with record.ps.oneshot():
+                    cpu = record.ps.cpu_percent(None)
+                    rss = record.ps.memory_info().rss
+            except psutil.Error:
+                pass
+        listen = record.spec.listen
+        return ProcessInfo(
+            core=record.spec.core, pid=record.pid, state=record.state,
+            start_time=record.start_wall if record.state in ALIVE_STATES else 0.0,
+            restarts=record.restarts, last_exit=record.last_exit, cpu_percent=cpu, rss_bytes=rss,
+            listen_address=record.spec.listen_multiaddr,
+            listening=bool(listen and record.state in ALIVE_STATES and listeners.is_listening(*listen, table)),
+            detail=record.detail,
+        )
+
+    def _rotate_logs(self, now: float) -> float:
+        if now >= self._next_rotation:
+            self._next_rotation = now + 10.0
+            for record in self._records.values():
+                if record.state in ALIVE_STATES:
+                    self._rotate_if_large(record.spec.log_path, truncate=True)
+        return self._next_rotation - now
+
+    def _rotate_if_large(self, path: Path, truncate: bool = False) -> None:
+        """Keep path under log_max_bytes by shifting copies to path.1 .. path.N.
+
+        A running process keeps its file open in append mode, so a live log is
+        copied and truncated in place instead of renamed.
+        """
+        try:
+            if path.stat().st_size < self.policy.log_max_bytes:
+                return
+        except FileNotFoundError:
+            return
+        for index in range(self.policy.log_backups - 1, 0, -1):
+            older = path.with_name(f"{path.name}.{index}")
+            if older.exists():
+                older.replace(path.with_name(f"{path.name}.{index + 1}"))
+        first = path.with_name(f"{path.name}.1")
+        if truncate:
+            first.write_bytes(path.read_bytes())
+            os.truncate(path, 0)
+        else:
+            path.replace(first)
+
+    def _flush_table(self) -> None:
+        if not self._table_dirty:
+            return
+        rows = [
+            {"core": r.spec.core, "pid": r.popen.pid, "create_time": r.create_time, "argv": list(r.spec.argv)}
+            for r in self._records.values()
+            if r.popen is not None and r.state in ALIVE_STATES
+        ]
+        write_atomic(self._table_path, json.dumps(rows, indent=1).encode(), mode=0o600)
+        self._table_dirty = False
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full, so the loop is awake anyway
+
+
+def stop_leftovers(table_path: Path, grace: float) -> list[int]:
+    """Stop processes an earlier agent run started and left behind.
+
+    A row counts as ours only when a process with that pid exists, has the
+    recorded create time and the recorded command line; anything else is a
+    reused pid and is left alone. Returns the cores stopped.
+    """
+    try:
+        rows = json.loads(table_path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as err:
+        log.warning("process table %s unreadable (%s); not stopping leftovers", table_path, err)
+        return []
+    ours = [proc for row in rows if (proc := _match(row)) is not None]
+    for proc in ours:
+        log.info("stopping: leftover core=%s from an earlier run (pid %d, SIGTERM)", proc.info_core, proc.pid)
+        _signal_group(proc.pid, signal.SIGTERM)
+    _, still = psutil.wait_procs(ours, timeout=grace)
+    for proc in still:
+        log.warning("leftover pid %d still running %.1f s after SIGTERM; sending SIGKILL", proc.pid, grace)
+        _signal_group(proc.pid, signal.SIGKILL)
+    psutil.wait_procs(still, timeout=5.0)
+    return sorted(proc.info_core for proc in ours)
+
+
+def _match(row: dict) -> psutil.Process | None:
+    try:
+        proc = psutil.Process(int(row["pid"]))
+        if abs(proc.create_time() - float(row["create_time"])) > 0.5 or proc.cmdline() != row["argv"]:
+            return None
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        return None
+    proc.info_core = int(row.get("core", -1))  # type: ignore[attr-defined]
+    return proc
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    # The process leads its own group (process_group=0), and the agent has
+    # not reaped it yet, so the id cannot have been reused.
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass

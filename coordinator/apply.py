@@ -1,0 +1,151 @@
+"""Drive every agent to the recorded assignment.
+
+  1. render the canonical config from the control host's config.yml
+  2. phase one, all hosts in parallel: write the config, converge the workers,
+     hold the control process
+  3. if the control process must (re)start: wait until every worker listens
+  4. phase two, control host only: start or restart the control process
+A second run right after a successful one changes and restarts nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from ..common.exitcodes import ExitCode
+from ..proto import agent_pb2 as pb
+from .client import APPLY_TIMEOUT, CALL_TIMEOUT, CallError, Credentials, apply_request, call_error, for_each_host
+from .cluster import check_assignment_current
+from .home import Home
+from .inventory import Host
+from .render import render
+
+log = logging.getLogger(__name__)
+
+# Seconds to wait for the workers to listen before the control process starts.
+WORKERS_READY_TIMEOUT = 30.0
+
+_CONTROL_NAMES = {
+    pb.CONTROL_ACTION_NONE: "none", pb.CONTROL_ACTION_STARTED: "started",
+    pb.CONTROL_ACTION_RESTARTED: "restarted", pb.CONTROL_ACTION_STOPPED: "stopped",
+    pb.CONTROL_ACTION_HELD: "held",
+}
+
+
+@dataclass
+class HostResult:
+    name: str
+    outcome: str  # unchanged, changed, failed, unreachable
+    config_changed: bool = False
+    started: list[int] = field(default_factory=list)
+    stopped: list[int] = field(default_factory=list)
+    restarted: list[int] = field(default_factory=list)
+    control: str = "none"
+    error: str = ""
+    exit_code: ExitCode = ExitCode.OK
+
+
+@dataclass
+class ApplyReport:
+    config_generation: int
+    config_sha256: str
+    hosts: list[HostResult]
+    seconds: float
+
+    @property
+    def exit_code(self) -> ExitCode:
+        codes = [h.exit_code for h in self.hosts if h.exit_code != ExitCode.OK]
+        return max(codes) if codes else ExitCode.OK
+
+
+def apply(home: Home) -> ApplyReport:
+    started = time.monotonic()
+    with home.locked():
+        settings = home.load_settings()
+        hosts = home.load_hosts()
+        assignment = check_assignment_current(home, home.load_assignment(), hosts)
+    # 1. render
+    text = render(settings, assignment.slots)
+    cores = {h.name: sorted(s.core for s in assignment.slots if s.host == h.name) for h in hosts}
+    credentials = Credentials(home)
+
+    def request(host: Host, hold: bool) -> pb.ApplyRequest:
+        return apply_request(text, settings.node_generation, assignment.config_generation, cores[host.name],
+                             host.control, hold)
+
+    # 2. phase one
+    results = for_each_host(hosts, lambda h: _call_apply(credentials, h, request(h, hold=True)))
+    control = next(h for h in hosts if h.control)
+    if results[control.name].control == "held":
+        _release_control(credentials, hosts, control, results, lambda h: request(h, hold=False), cores)
+    report = ApplyReport(assignment.config_generation, request(control, True).config_sha256,
+                         [results[h.name] for h in hosts], time.monotonic() - started)
+    log.info("apply finished in %.2f s", report.seconds)
+    return report
+
+
+def _release_control(credentials: Credentials, hosts: list[Host], control: Host, results: dict[str, HostResult],
+                     make_request, cores: dict[str, list[int]]) -> None:
+    failed = [name for name, r in results.items() if r.outcome in ("failed", "unreachable")]
+    result = results[control.name]
+    if failed:
+        result.error = f"control process not started: hosts {', '.join(failed)} did not apply"
+        return
+    # 3. wait for the workers
+    pending = _wait_workers_listening(credentials, hosts, cores)
+    if pending:
+        log.warning("starting the control process although cores %s do not listen yet", pending)
+    # 4. phase two
+    second = _call_apply(credentials, control, make_request(control))
+    if second.outcome in ("failed", "unreachable"):
+        results[control.name] = second
+        return
+    result.control = second.control
+    result.outcome = "changed"
+
+
+def _call_apply(credentials: Credentials, host: Host, request: pb.ApplyRequest) -> HostResult:
+    channel, stub = credentials.stub(host)
+    try:
+        reply = stub.Apply(request, timeout=APPLY_TIMEOUT)
+    except grpc.RpcError as err:
+        return _failed(host, call_error(err))
+    finally:
+        channel.close()
+    control = _CONTROL_NAMES.get(reply.control, "none")
+    return HostResult(
+        name=host.name, outcome="changed" if reply.changed else "unchanged", config_changed=reply.config_changed,
+        started=list(reply.started), stopped=list(reply.stopped), restarted=list(reply.restarted), control=control,
+    )
+
+
+def _failed(host: Host, error: CallError) -> HostResult:
+    return HostResult(name=host.name, outcome=error.outcome, error=error.reason, exit_code=error.exit_code)
+
+
+def _wait_workers_listening(credentials: Credentials, hosts: list[Host], cores: dict[str, list[int]]) -> list[int]:
+    """Poll every host's status until all assigned cores listen; return the cores that never did."""
+    deadline = time.monotonic() + WORKERS_READY_TIMEOUT
+    pending: list[int] = []
+    while time.monotonic() < deadline:
+        listening = for_each_host(hosts, lambda h: _listening_cores(credentials, h))
+        pending = sorted(c for h in hosts for c in cores[h.name] if c not in listening[h.name])
+        if not pending:
+            return []
+        time.sleep(0.1)
+    return pending
+
+
+def _listening_cores(credentials: Credentials, host: Host) -> set[int]:
+    channel, stub = credentials.stub(host)
+    try:
+        status = stub.GetStatus(pb.GetStatusRequest(), timeout=CALL_TIMEOUT)
+    except grpc.RpcError:
+        return set()
+    finally:
+        channel.close()
+    return {p.core for p in status.processes if p.listening}

@@ -1,0 +1,53 @@
+"""Agent bundles: key, certificate, CA and a complete agent.yaml for one host."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from ..common import pki
+from ..common.errors import StateError
+from ..common.yamlio import dump
+from .home import Home
+from .inventory import Host
+
+# Defaults written into a bundle's agent.yaml; --node-binary etc. override them.
+DEFAULT_NODE_BINARY = "/opt/quilibrium/node/node"
+DEFAULT_NODE_CONFIG_DIR = "/var/lib/quil-agent/node/.config"
+DEFAULT_STATE_DIR = "/var/lib/quil-agent/state"
+
+
+def issue_agent_cert(home: Home, cluster: str, host: Host) -> tuple[bytes, bytes]:
+    """Issue the agent's server certificate, valid for the address the coordinator dials."""
+    ca_key, ca_cert = home.file("ca.key").read_bytes(), home.file("ca.crt").read_bytes()
+    agent_host = host.agent.rpartition(":")[0].strip("[]")
+    try:
+        ips, dns = [ipaddress.ip_address(agent_host)], [host.name]
+    except ValueError:
+        ips, dns = [], [agent_host, host.name]
+    identity = pki.Identity(cluster=cluster, role="agent", name=host.name)
+    return pki.issue(ca_key, ca_cert, identity, ip_addresses=ips, dns_names=dns)
+
+
+def write_bundle(home: Home, cluster: str, host: Host, directory: Path, *, node_binary: str | None,
+                 node_config_dir: str | None, state_dir: str | None) -> Path:
+    """Write the bundle into directory (created 0700); refuses to overwrite an existing key."""
+    directory = Path(directory)
+    if (directory / "agent.key").exists():
+        raise StateError(f"{directory}/agent.key already exists; choose an empty --bundle directory")
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key, cert = issue_agent_cert(home, cluster, host)
+    pki.write_private(directory / "agent.key", key)
+    pki.write_public(directory / "agent.crt", cert)
+    pki.write_public(directory / "ca.crt", home.file("ca.crt").read_bytes())
+    config = {
+        "cluster": cluster,
+        "listen": host.agent,
+        "worker_address": host.address,
+        "node_binary": node_binary or DEFAULT_NODE_BINARY,
+        "node_config_dir": node_config_dir or DEFAULT_NODE_CONFIG_DIR,
+        "state_dir": state_dir or DEFAULT_STATE_DIR,
+        "tls": {"cert": "agent.crt", "key": "agent.key", "ca": "ca.crt"},
+    }
+    pki.write_public(directory / "agent.yaml", dump(config))
+    return directory / "agent.yaml"

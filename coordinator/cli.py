@@ -1,0 +1,195 @@
+"""The quil-coord command line: turns argv into a call, output and an exit status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from ..common import logsetup
+from ..common.errors import (ConfigError, HostError, InventoryError, QuilClusterError, StateError,
+                             TLSError)
+from ..common.exitcodes import ExitCode
+from . import cluster, output
+from .home import Home
+from .inventory import Host
+
+log = logging.getLogger(__name__)
+
+EPILOG = """exit status: 0 ok, 1 unexpected error, 2 usage, 3 invalid input or state,
+4 a host failed, 5 a host unreachable, 6 TLS or authorization, 130 interrupted"""
+
+# Expected failures and their exit status; anything else is a bug.
+ERROR_EXIT = (
+    (TLSError, ExitCode.TLS),
+    (HostError, ExitCode.HOST_FAILED),
+    (ConfigError, ExitCode.CONFIG),
+    (InventoryError, ExitCode.CONFIG),
+    (StateError, ExitCode.CONFIG),
+    (QuilClusterError, ExitCode.CONFIG),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quil-coord", description="Assign, configure and run a Quilibrium "
+                                     "node cluster through the quil-agent on every host.", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--home", help="state directory (default: $QUIL_COORD_HOME)")
+    parser.add_argument("--debug", action="store_true", help="log details and show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    init = sub.add_parser("init", help="create the cluster CA, the coordinator certificate and the settings")
+    init.add_argument("--control-config", required=True, type=Path, help="the control host's node config.yml")
+    init.add_argument("--name", default="quil", help="cluster name, part of every certificate (default quil)")
+    init.add_argument("--generation", choices=("1.4", "2.0", "2.1"),
+                      help="node generation (default: detected from the config's keys)")
+    init.add_argument("--port-scheme", choices=("per-host", "global"), default="per-host",
+                      help="per-host: each host counts ports from the base; global: core N gets base+N-1")
+    init.add_argument("--base-port", type=int, help="first worker port (1.4/2.0: 40000; 2.1 P2P: 25000)")
+    init.add_argument("--stream-base-port", type=int, help="2.1 only: first worker stream port (32500)")
+
+    _add_host_parsers(sub)
+
+    assign = sub.add_parser("assign", help="compute and record the core index assignment")
+    assign.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    assign.add_argument("--dry-run", action="store_true", help="show the plan without recording it")
+
+    apply = sub.add_parser("apply", help="push the config and drive every agent to the recorded assignment")
+    apply.add_argument("--json", action="store_true", help="print JSON instead of lines")
+
+    status = sub.add_parser("status", help="show every host's processes")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    demo = sub.add_parser("demo", help="run a local demo cluster on 127.0.0.2-127.0.0.4 with the stand-in node")
+    demo.add_argument("--dir", type=Path, help="directory for the demo's files (default: a temporary one)")
+    demo.add_argument("--keep", action="store_true", help="keep the cluster running until Ctrl-C")
+    return parser
+
+
+def _add_host_parsers(sub: argparse._SubParsersAction) -> None:
+    host = sub.add_parser("host", help="manage the inventory").add_subparsers(dest="host_command", required=True)
+    add = host.add_parser("add", help="register a host and write its agent bundle")
+    add.add_argument("name")
+    add.add_argument("--address", required=True, help="IP address the host's workers bind")
+    add.add_argument("--agent", required=True, help="HOST:PORT of the host's agent")
+    add.add_argument("--control", action="store_true", help="this host runs the control process")
+    _add_count_options(add)
+    add.add_argument("--node-binary", help="node binary path on the host (written to agent.yaml)")
+    add.add_argument("--node-config-dir", help="node config directory on the host (written to agent.yaml)")
+    add.add_argument("--state-dir", help="agent state directory on the host (written to agent.yaml)")
+    add.add_argument("--bundle", required=True, type=Path, help="directory to write the agent bundle to")
+
+    lst = host.add_parser("list", help="list the hosts")
+    lst.add_argument("--json", action="store_true")
+    remove = host.add_parser("remove", help="remove a host (run assign and apply afterwards)")
+    remove.add_argument("name")
+    change = host.add_parser("set", help="change a host (run assign and apply afterwards)")
+    change.add_argument("name")
+    change.add_argument("--address")
+    change.add_argument("--agent")
+    change.add_argument("--control", action=argparse.BooleanOptionalAction, default=None)
+    _add_count_options(change)
+
+
+def _add_count_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--workers", type=int, help="number of data workers on the host")
+    group.add_argument("--reserve", type=int, help="CPUs left free; workers = CPUs - reserve")
+    parser.add_argument("--cpus", type=int, help="logical CPUs of the host (default: ask its agent)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logsetup.configure(logging.DEBUG if args.debug else logging.WARNING)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    except QuilClusterError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return next(code for kind, code in ERROR_EXIT if isinstance(err, kind))
+
+
+def _home(args: argparse.Namespace) -> Home:
+    return Home.from_env(args.home)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    settings = cluster.init(_home(args), args.control_config, name=args.name, generation=args.generation,
+                            port_scheme=args.port_scheme, base_port=args.base_port,
+                            stream_base_port=args.stream_base_port)
+    print(f"initialized cluster {settings.name}: node generation {settings.node_generation}, "
+          f"port scheme {settings.port_scheme}, base port {settings.base_port}")
+    return ExitCode.OK
+
+
+def cmd_host(args: argparse.Namespace) -> int:
+    home = _home(args)
+    if args.host_command == "add":
+        host = Host(name=args.name, address=args.address, agent=args.agent, control=args.control,
+                    workers=args.workers, reserve=args.reserve, cpus=args.cpus)
+        path = cluster.add_host(home, host, args.bundle, node_binary=args.node_binary,
+                                node_config_dir=args.node_config_dir, state_dir=args.state_dir)
+        print(f"added host {host.name}; copy {path.parent} to the host and run: quil-agent run --config agent.yaml")
+    elif args.host_command == "list":
+        home.require()
+        rows = [h.to_dict() for h in home.load_hosts()]
+        print(json.dumps({"hosts": rows}, indent=2) if args.json else output.host_table(rows))
+    elif args.host_command == "remove":
+        cluster.remove_host(home, args.name)
+        print(f"removed host {args.name}; run quil-coord assign, then quil-coord apply")
+    else:
+        changes = dict(address=args.address, agent=args.agent, control=args.control, workers=args.workers,
+                       reserve=args.reserve, cpus=args.cpus)
+        cluster.set_host(home, args.name, **changes)
+        print(f"updated host {args.name}; run quil-coord assign, then quil-coord apply")
+    return ExitCode.OK
+
+
+def cmd_assign(args: argparse.Namespace) -> int:
+    from .facts import cpu_counts
+
+    home = _home(args)
+    settings = home.load_settings()
+    plan, recorded = cluster.run_assign(home, lambda hosts: cpu_counts(home, hosts), args.dry_run)
+    rows = output.assignment_rows(settings, recorded.slots)
+    if args.json:
+        print(json.dumps({"config_generation": recorded.config_generation, "recorded": not args.dry_run,
+                          "added": plan.added, "removed": plan.removed, "moved": plan.moved, "workers": rows},
+                         indent=2))
+    else:
+        print(output.assignment_table(rows, plan, recorded.config_generation, args.dry_run))
+    return ExitCode.OK
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from .apply import apply
+
+    report = apply(_home(args))
+    print(output.apply_json(report) if args.json else output.apply_lines(report))
+    return report.exit_code
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import collect
+
+    hosts = collect(_home(args))
+    print(output.status_json(hosts) if args.json else output.status_table(hosts))
+    failing = [h.exit_code for h in hosts if h.exit_code != ExitCode.OK]
+    return max(failing) if failing else ExitCode.OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.dir, keep=args.keep)
+
+
+COMMANDS: dict[str, Callable[[Any], int]] = {
+    "init": cmd_init, "host": cmd_host, "assign": cmd_assign, "apply": cmd_apply, "status": cmd_status,
+    "demo": cmd_demo,
+}

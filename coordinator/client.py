@@ -1,0 +1,90 @@
+"""Mutual-TLS clients for the agents, and the one table from gRPC status to outcome."""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Callable, Iterable, TypeVar
+
+import grpc
+
+from ..common import tls
+from ..common.errors import TLSError
+from ..common.exitcodes import ExitCode
+from ..proto import agent_pb2 as pb
+from ..proto import agent_pb2_grpc as pb_grpc
+from .home import Home
+from .inventory import Host
+
+T = TypeVar("T")
+
+# Seconds allowed for one quick call (facts, status) and for one Apply.
+CALL_TIMEOUT = 10.0
+APPLY_TIMEOUT = 120.0
+# Hosts contacted at the same time.
+MAX_PARALLEL = 64
+
+GENERATION_ENUM = {"1.4": pb.NODE_GENERATION_1_4, "2.0": pb.NODE_GENERATION_2_0, "2.1": pb.NODE_GENERATION_2_1}
+
+# gRPC status -> (outcome shown per host, exit status of the command).
+OUTCOMES: dict[grpc.StatusCode, tuple[str, ExitCode]] = {
+    grpc.StatusCode.UNAVAILABLE: ("unreachable", ExitCode.UNREACHABLE),
+    grpc.StatusCode.DEADLINE_EXCEEDED: ("unreachable", ExitCode.UNREACHABLE),
+    grpc.StatusCode.UNAUTHENTICATED: ("failed", ExitCode.TLS),
+    grpc.StatusCode.PERMISSION_DENIED: ("failed", ExitCode.TLS),
+}
+DEFAULT_OUTCOME = ("failed", ExitCode.HOST_FAILED)
+
+
+@dataclass
+class CallError:
+    """A failed call to one agent, already mapped to an outcome."""
+
+    outcome: str
+    exit_code: ExitCode
+    reason: str
+
+
+def call_error(err: grpc.RpcError) -> CallError:
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    outcome, exit_code = OUTCOMES.get(code, DEFAULT_OUTCOME)
+    details = (err.details() if hasattr(err, "details") else "") or code.name
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        details = "timed out"
+    return CallError(outcome, exit_code, f"{code.name.lower()}: {details}")
+
+
+class Credentials:
+    """The coordinator's client credentials, loaded once per command."""
+
+    def __init__(self, home: Home) -> None:
+        try:
+            key, cert, ca = (home.file(n).read_bytes() for n in ("coordinator.key", "coordinator.crt", "ca.crt"))
+        except OSError as err:
+            raise TLSError(f"{err.filename}: cannot read ({err.strerror}); is this an initialized --home?") from err
+        self.channel_credentials = tls.channel_credentials(key, cert, ca)
+
+    def stub(self, host: Host) -> tuple[grpc.Channel, pb_grpc.AgentStub]:
+        channel = tls.secure_channel(host.agent, self.channel_credentials)
+        return channel, pb_grpc.AgentStub(channel)
+
+
+def for_each_host(hosts: Iterable[Host], work: Callable[[Host], T]) -> dict[str, T]:
+    """Run work(host) for every host in parallel; returns results by host name."""
+    hosts = list(hosts)
+    if not hosts:
+        return {}
+    with futures.ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(hosts))) as pool:
+        results = pool.map(work, hosts)
+        return {host.name: result for host, result in zip(hosts, results)}
+
+
+def apply_request(config_text: str, generation: str, config_generation: int, cores: list[int],
+                  run_control: bool, hold_control: bool) -> pb.ApplyRequest:
+    data = config_text.encode("utf-8")
+    return pb.ApplyRequest(
+        config_yaml=data, config_sha256=hashlib.sha256(data).hexdigest(), config_generation=config_generation,
+        node_generation=GENERATION_ENUM[generation], cores=cores, run_control=run_control,
+        hold_control=hold_control,
+    )

@@ -1,0 +1,140 @@
+"""Cluster operations behind the commands: init, host changes and assign."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+from ..common import nodeconfig, pki
+from ..common.errors import InventoryError, StateError
+from . import inventory
+from .assign import Plan, assign
+from .bundle import write_bundle
+from .home import DEFAULT_BASE_PORT, Assignment, Home, Settings
+from .inventory import Host
+from .render import read_control_config
+
+log = logging.getLogger(__name__)
+
+CPUS_UNKNOWN = Callable[[list[Host]], dict[str, int]]
+
+
+def detect_generation(config: nodeconfig.NodeConfig) -> str:
+    """Guess the node generation from the keys a node writes: 2.1 has P2P worker ports, 2.0 a worker count."""
+    engine = config.data.get("engine") or {}
+    if "dataWorkerP2PMultiaddrs" in engine or "dataWorkerBaseP2PPort" in engine:
+        return "2.1"
+    if "dataWorkerCount" in engine:
+        return "2.0"
+    return "1.4"
+
+
+def init(home: Home, control_config: Path, *, name: str, generation: str | None, port_scheme: str,
+         base_port: int | None, stream_base_port: int | None) -> Settings:
+    """Create the state directory: settings, cluster CA and the coordinator's certificate."""
+    if home.file("cluster.yaml").exists():
+        raise StateError(f"{home.path} is already initialized; use another --home for a new cluster")
+    inventory.check_name(name)
+    settings = Settings(name=name, node_generation=generation or "1.4",
+                        control_config=str(Path(control_config).resolve()), port_scheme=port_scheme)
+    config = read_control_config(settings)
+    settings.node_generation = generation or detect_generation(config)
+    settings.base_port = base_port or DEFAULT_BASE_PORT[settings.node_generation]
+    settings.stream_base_port = stream_base_port or settings.stream_base_port
+    settings.validate("init")
+    with home.locked():
+        ca_key, ca_cert = pki.create_ca(name)
+        key, cert = pki.issue(ca_key, ca_cert, pki.Identity(name, "coordinator", "coordinator"))
+        pki.write_private(home.file("ca.key"), ca_key)
+        pki.write_public(home.file("ca.crt"), ca_cert)
+        pki.write_private(home.file("coordinator.key"), key)
+        pki.write_public(home.file("coordinator.crt"), cert)
+        home.save_settings(settings)
+        home.save_hosts([])
+    return settings
+
+
+def add_host(home: Home, host: Host, bundle: Path, *, node_binary: str | None, node_config_dir: str | None,
+             state_dir: str | None) -> Path:
+    """Register a host and write its agent bundle; returns the bundle's agent.yaml."""
+    _check_host(host)
+    with home.locked():
+        settings = home.load_settings()
+        hosts = home.load_hosts()
+        inventory.check_unique(hosts + [host])
+        path = write_bundle(home, settings.name, host, bundle, node_binary=node_binary,
+                            node_config_dir=node_config_dir, state_dir=state_dir)
+        home.save_hosts(hosts + [host])
+    return path
+
+
+def remove_host(home: Home, name: str) -> None:
+    with home.locked():
+        hosts = home.load_hosts()
+        _find(hosts, name)
+        home.save_hosts([h for h in hosts if h.name != name])
+
+
+def set_host(home: Home, name: str, **changes: object) -> Host:
+    """Change fields of a host; --workers and --reserve replace each other."""
+    with home.locked():
+        hosts = home.load_hosts()
+        current = _find(hosts, name)
+        values = {k: v for k, v in changes.items() if v is not None}
+        if "workers" in values:
+            values["reserve"] = None
+        if "reserve" in values:
+            values["workers"] = None
+        updated = replace(current, **values)
+        _check_host(updated)
+        hosts = [updated if h.name == name else h for h in hosts]
+        inventory.check_unique(hosts)
+        home.save_hosts(hosts)
+        return updated
+
+
+def run_assign(home: Home, cpus_of: CPUS_UNKNOWN, dry_run: bool) -> tuple[Plan, Assignment]:
+    """Compute the assignment; record it unless dry_run. cpus_of asks agents for unknown CPU counts."""
+    with home.locked():
+        settings = home.load_settings()
+        hosts = home.load_hosts()
+        previous = home.load_assignment()
+        counts = worker_counts(hosts, cpus_of)
+        plan = assign(hosts, counts, previous.slots if previous else [], settings.ports())
+        generation = (previous.config_generation if previous else 0) + (1 if plan.changed or not previous else 0)
+        recorded = Assignment(generation, plan.slots, [h.to_dict() for h in hosts])
+        if not dry_run:
+            home.save_assignment(recorded)
+        return plan, recorded
+
+
+def worker_counts(hosts: list[Host], cpus_of: CPUS_UNKNOWN) -> dict[str, int]:
+    unknown = [h for h in hosts if h.workers is None and h.cpus is None]
+    detected = cpus_of(unknown) if unknown else {}
+    return {h.name: h.worker_count(h.cpus or detected.get(h.name)) for h in hosts}
+
+
+def _check_host(host: Host) -> None:
+    inventory.check_name(host.name)
+    host.address = inventory.check_address(host.address)
+    inventory.check_agent(host.agent)
+    inventory.check_counts(host.workers, host.reserve, host.cpus)
+
+
+def _find(hosts: list[Host], name: str) -> Host:
+    for host in hosts:
+        if host.name == name:
+            return host
+    known = ", ".join(h.name for h in hosts) or "none"
+    raise InventoryError(f"unknown host '{name}'; known hosts: {known}")
+
+
+def check_assignment_current(home: Home, assignment: Assignment | None, hosts: list[Host]) -> Assignment:
+    """Raise unless an assignment exists and the inventory has not changed since it was made."""
+    if assignment is None:
+        raise InventoryError("no assignment recorded; run quil-coord assign first")
+    if assignment.hosts != [h.to_dict() for h in hosts]:
+        raise InventoryError("the inventory changed since the last assign; run quil-coord assign, then apply")
+    return assignment

@@ -1,0 +1,31 @@
+"""Host facts from the agents, used where the inventory leaves a value open."""
+
+from __future__ import annotations
+
+import grpc
+
+from ..common.errors import HostError
+from ..proto import agent_pb2 as pb
+from .client import CALL_TIMEOUT, Credentials, call_error, for_each_host
+from .home import Home
+from .inventory import Host
+
+
+def cpu_counts(home: Home, hosts: list[Host]) -> dict[str, int]:
+    """Ask each host's agent for its logical CPU count; raise HostError naming the first that fails."""
+    credentials = Credentials(home)
+
+    def ask(host: Host) -> int | str:
+        channel, stub = credentials.stub(host)
+        try:
+            return stub.GetHostFacts(pb.GetHostFactsRequest(), timeout=CALL_TIMEOUT).logical_cpus
+        except grpc.RpcError as err:
+            return call_error(err).reason
+        finally:
+            channel.close()
+
+    answers = for_each_host(hosts, ask)
+    for name, answer in answers.items():
+        if isinstance(answer, str):
+            raise HostError(name, f"cannot read the CPU count from its agent ({answer}); pass --cpus or --workers")
+    return {name: int(answer) for name, answer in answers.items()}

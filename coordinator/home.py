@@ -1,0 +1,146 @@
+"""The coordinator's state directory (--home or QUIL_COORD_HOME).
+
+  cluster.yaml      settings: name, node generation, ports, control config path
+  hosts.yaml        the inventory
+  assignment.json   the recorded core assignment and its config generation
+  ca.key, ca.crt    the cluster CA (key mode 0600)
+  coordinator.key, coordinator.crt   the coordinator's client certificate
+  lock              held (flock) while a command changes any of the above
+
+Every file is replaced atomically and the previous version kept as .bak.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..common import nodeconfig
+from ..common.errors import ConfigError, StateError
+from ..common.yamlio import dump, read_mapping, reject_unknown_keys, write_atomic
+from .assign import PORT_SCHEMES, Ports, Slot, slots_from_rows, slots_to_rows
+from .inventory import Host, from_dicts
+
+HOME_ENV = "QUIL_COORD_HOME"
+DEFAULT_BASE_PORT = {"1.4": 40000, "2.0": 40000, "2.1": 25000}
+DEFAULT_STREAM_BASE_PORT = 32500
+
+
+@dataclass
+class Settings:
+    name: str
+    node_generation: str
+    # Path of the control host's node config.yml; the canonical config is rendered from it.
+    control_config: str
+    port_scheme: str = "per-host"
+    # 1.4/2.0: worker port base. 2.1: P2P port base.
+    base_port: int = 40000
+    # 2.1 only: stream port base.
+    stream_base_port: int = DEFAULT_STREAM_BASE_PORT
+
+    def ports(self) -> Ports:
+        stream = self.stream_base_port if self.node_generation == "2.1" else 0
+        return Ports(self.port_scheme, self.base_port, stream)
+
+    def validate(self, source: str) -> None:
+        if self.node_generation not in nodeconfig.GENERATIONS:
+            raise ConfigError(f"{source}: node_generation '{self.node_generation}' is not 1.4, 2.0 or 2.1")
+        if self.port_scheme not in PORT_SCHEMES:
+            raise ConfigError(f"{source}: port_scheme '{self.port_scheme}' is not per-host or global")
+        for key in ("base_port", "stream_base_port"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or not 1 <= value <= 65535:
+                raise ConfigError(f"{source}: {key} {value!r} is not a port from 1 to 65535")
+
+
+@dataclass
+class Assignment:
+    config_generation: int
+    slots: list[Slot]
+    # Inventory the assignment was computed from, to detect later edits.
+    hosts: list[dict[str, Any]]
+
+
+class Home:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def from_env(cls, option: str | None) -> "Home":
+        value = option or os.environ.get(HOME_ENV)
+        if not value:
+            raise StateError(f"no state directory: pass --home DIR or set {HOME_ENV}")
+        return cls(Path(value))
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def require(self) -> None:
+        if not self.file("cluster.yaml").exists():
+            raise StateError(f"{self.path}: not a quil-coord state directory; run quil-coord init first")
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the state lock so concurrent commands never interleave their writes."""
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(self.file("lock"), "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # -- settings ----------------------------------------------------------
+
+    def load_settings(self) -> Settings:
+        self.require()
+        path = self.file("cluster.yaml")
+        data = read_mapping(path)
+        reject_unknown_keys(data, [f.name for f in fields(Settings)], str(path))
+        try:
+            settings = Settings(**data)
+        except TypeError as err:
+            raise ConfigError(f"{path}: {err}") from err
+        settings.validate(str(path))
+        return settings
+
+    def save_settings(self, settings: Settings) -> None:
+        write_atomic(self.file("cluster.yaml"), dump(asdict(settings)), mode=0o600, backup=True)
+
+    # -- inventory -----------------------------------------------------------
+
+    def load_hosts(self) -> list[Host]:
+        path = self.file("hosts.yaml")
+        if not path.exists():
+            return []
+        data = read_mapping(path)
+        reject_unknown_keys(data, ["hosts"], str(path))
+        return from_dicts(data.get("hosts", []), str(path))
+
+    def save_hosts(self, hosts: list[Host]) -> None:
+        write_atomic(self.file("hosts.yaml"), dump({"hosts": [h.to_dict() for h in hosts]}), mode=0o600, backup=True)
+
+    # -- assignment ------------------------------------------------------------
+
+    def load_assignment(self) -> Assignment | None:
+        path = self.file("assignment.json")
+        try:
+            data = json.loads(path.read_text())
+            return Assignment(data["config_generation"], slots_from_rows(data["workers"]), data["hosts"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise StateError(f"{path}: unreadable assignment ({err}); restore {path}.bak or run assign") from err
+
+    def save_assignment(self, assignment: Assignment) -> None:
+        data = {
+            "config_generation": assignment.config_generation,
+            "workers": slots_to_rows(assignment.slots),
+            "hosts": assignment.hosts,
+        }
+        write_atomic(self.file("assignment.json"), json.dumps(data, indent=1).encode(), mode=0o600, backup=True)

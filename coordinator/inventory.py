@@ -1,0 +1,114 @@
+"""Hosts of the cluster and the checks every change to them passes."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..common.errors import InventoryError
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
+# Workers on one host; more than this is almost certainly a typo.
+MAX_WORKERS_PER_HOST = 4096
+
+
+@dataclass
+class Host:
+    name: str
+    # IP address the host's data workers bind.
+    address: str
+    # HOST:PORT of the host's agent.
+    agent: str
+    control: bool = False
+    # Fixed worker count, or None to derive it from cpus - reserve.
+    workers: int | None = None
+    # CPUs kept free for the host (and the control process); None: 1 on the control host, else 0.
+    reserve: int | None = None
+    # Logical CPUs; None: ask the agent.
+    cpus: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def worker_count(self, cpus: int | None) -> int:
+        """Number of workers: the fixed count, or the CPUs left after the reserve."""
+        if self.workers is not None:
+            return self.workers
+        reserve = self.reserve if self.reserve is not None else (1 if self.control else 0)
+        if cpus is None:
+            raise InventoryError(f"host {self.name}: CPU count unknown; set it with --cpus or --workers")
+        count = cpus - reserve
+        if count < 1:
+            raise InventoryError(
+                f"host {self.name}: {cpus} CPUs minus reserve {reserve} leaves no worker; lower --reserve"
+            )
+        return count
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise InventoryError(
+            f"invalid host name '{name}': use letters, digits, '.', '_' or '-' (at most 63 characters)"
+        )
+    return name
+
+
+def check_address(address: str) -> str:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError as err:
+        raise InventoryError(f"invalid --address '{address}': not an IP address") from err
+    if ip.is_unspecified or ip.is_multicast:
+        raise InventoryError(f"invalid --address '{address}': workers need the host's concrete unicast address")
+    return str(ip)
+
+
+def check_agent(agent: str) -> str:
+    host, _, port = agent.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise InventoryError(f"invalid --agent '{agent}': use HOST:PORT with a port from 1 to 65535")
+    return agent
+
+
+def check_counts(workers: int | None, reserve: int | None, cpus: int | None) -> None:
+    if workers is not None and reserve is not None:
+        raise InventoryError("give either --workers or --reserve, not both")
+    if workers is not None and not 1 <= workers <= MAX_WORKERS_PER_HOST:
+        raise InventoryError(f"invalid worker count {workers}: use 1 to {MAX_WORKERS_PER_HOST}")
+    if reserve is not None and reserve < 0:
+        raise InventoryError(f"invalid --reserve {reserve}: use 0 or more")
+    if cpus is not None and not 1 <= cpus <= MAX_WORKERS_PER_HOST:
+        raise InventoryError(f"invalid --cpus {cpus}: use 1 to {MAX_WORKERS_PER_HOST}")
+
+
+def check_unique(hosts: list[Host]) -> None:
+    """Raise InventoryError when two hosts share a name, worker address or agent endpoint, or two are control."""
+    for field in ("name", "address", "agent"):
+        seen: dict[str, str] = {}
+        for host in hosts:
+            value = getattr(host, field)
+            if value in seen:
+                raise InventoryError(
+                    f"{field} {value} is already used by host {seen[value]}; give host {host.name} its own"
+                )
+            seen[value] = host.name
+    controls = [h.name for h in hosts if h.control]
+    if len(controls) > 1:
+        raise InventoryError(
+            f"hosts {' and '.join(controls)} are both marked control; a cluster has one control process"
+        )
+
+
+def from_dicts(rows: Any, source: str) -> list[Host]:
+    if not isinstance(rows, list):
+        raise InventoryError(f"{source}: 'hosts' must be a list")
+    hosts = []
+    for index, row in enumerate(rows):
+        try:
+            hosts.append(Host(**row))
+        except TypeError as err:
+            raise InventoryError(f"{source}: host entry {index + 1} is invalid ({err})") from err
+    check_unique(hosts)
+    return hosts

@@ -1,0 +1,119 @@
+"""Text and JSON renderings of command results; the only module that formats for the terminal."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Iterable, Sequence
+
+from .apply import ApplyReport
+from .assign import Plan, Slot
+from .home import Settings
+from .render import worker_lists
+from .status import HostStatus
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """Left-aligned columns separated by two spaces."""
+    cells = [[str(c) for c in headers]] + [[("-" if c is None else str(c)) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def host_table(rows: list[dict]) -> str:
+    return table(
+        ("NAME", "ADDRESS", "AGENT", "CONTROL", "WORKERS", "RESERVE", "CPUS"),
+        ((r["name"], r["address"], r["agent"], "yes" if r.get("control") else "", r.get("workers"),
+          r.get("reserve"), r.get("cpus")) for r in rows),
+    )
+
+
+def assignment_rows(settings: Settings, slots: list[Slot]) -> list[dict]:
+    first, stream = worker_lists(settings, slots)
+    rows = []
+    for index, slot in enumerate(sorted(slots, key=lambda s: s.core)):
+        row = {"core": slot.core, "host": slot.host, "multiaddr": first[index]}
+        if stream is not None:
+            row["p2p_multiaddr"] = first[index]
+            row["stream_multiaddr"] = stream[index]
+            row["multiaddr"] = stream[index]
+        rows.append(row)
+    return rows
+
+
+def assignment_table(rows: list[dict], plan: Plan, generation: int, dry_run: bool) -> str:
+    marks = {c: "new" for c in plan.added} | {c: "moved" for c in plan.moved}
+    body = table(("CORE", "HOST", "MULTIADDR", "CHANGE"),
+                 ((r["core"], r["host"], r["multiaddr"], marks.get(r["core"], "")) for r in rows))
+    summary = (f"{len(rows)} workers, {len(plan.added)} new, {len(plan.moved)} moved, "
+               f"{len(plan.removed)} removed; config generation {generation}")
+    tail = "dry run: nothing recorded" if dry_run else "recorded; run quil-coord apply to push it"
+    return f"{body}\n{summary}\n{tail}"
+
+
+def apply_lines(report: ApplyReport) -> str:
+    lines = []
+    for host in report.hosts:
+        if host.outcome in ("failed", "unreachable"):
+            lines.append(f"{host.name}: {host.outcome.upper()} ({host.error})")
+            continue
+        parts = [("config written" if host.config_changed else "")]
+        parts += [f"{label} {_cores(cores)}" for label, cores in
+                  (("started", host.started), ("stopped", host.stopped), ("restarted", host.restarted)) if cores]
+        if host.control not in ("none", "held"):
+            parts.append(f"control process {host.control}")
+        if host.error:
+            parts.append(host.error)
+        detail = "; ".join(p for p in parts if p)
+        lines.append(f"{host.name}: {host.outcome}" + (f" ({detail})" if detail else ""))
+    counts = {o: sum(1 for h in report.hosts if h.outcome == o) for o in ("unchanged", "changed", "failed",
+                                                                            "unreachable")}
+    lines.append(", ".join(f"{n} {o}" for o, n in counts.items()) +
+                 f"; config generation {report.config_generation}; {report.seconds:.2f} s")
+    return "\n".join(lines)
+
+
+def apply_json(report: ApplyReport) -> str:
+    hosts = [{k: v for k, v in asdict(h).items() if k != "exit_code"} for h in report.hosts]
+    return json.dumps({"config_generation": report.config_generation, "config_sha256": report.config_sha256,
+                       "seconds": round(report.seconds, 3), "hosts": hosts}, indent=2)
+
+
+def status_table(hosts: list[HostStatus]) -> str:
+    rows = []
+    for host in hosts:
+        if not host.reachable:
+            rows.append((host.name, "", "unreachable", "", "", "", "", host.error))
+            continue
+        seen = {p["core"] for p in host.processes}
+        for p in host.processes:
+            name = "control" if p["core"] == 0 else p["core"]
+            rows.append((host.name, name, p["state"], p["pid"] or "", _uptime(p["uptime_seconds"]),
+                         p["restarts"], _listening(p), p["detail"]))
+        rows += [(host.name, core, "missing", "", "", "", "", "assigned but not running; run apply")
+                 for core in host.expected_cores if core not in seen]
+    return table(("HOST", "CORE", "STATE", "PID", "UPTIME", "RESTARTS", "LISTENING", "DETAIL"), rows)
+
+
+def status_json(hosts: list[HostStatus]) -> str:
+    rows = [{k: v for k, v in asdict(h).items() if k != "exit_code"} for h in hosts]
+    return json.dumps({"hosts": rows}, indent=2)
+
+
+def _listening(process: dict) -> str:
+    if not process["listen_address"]:
+        return ""
+    return "yes" if process["listening"] else "no"
+
+
+def _uptime(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h"
+
+
+def _cores(cores: list[int]) -> str:
+    return ",".join(str(c) for c in cores)

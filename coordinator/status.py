@@ -1,0 +1,75 @@
+"""Collect every host's process table; hosts that do not answer are kept as unreachable."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from ..common.exitcodes import ExitCode
+from ..common.states import State
+from ..proto import agent_pb2 as pb
+from .client import CALL_TIMEOUT, Credentials, call_error, for_each_host
+from .home import Home
+from .inventory import Host
+
+_STATE_NAMES = {pb.ProcessState.Value(f"PROCESS_STATE_{s.name}"): s.value for s in State}
+
+
+@dataclass
+class HostStatus:
+    name: str
+    address: str
+    agent: str
+    reachable: bool
+    expected_cores: list[int]
+    processes: list[dict] = field(default_factory=list)
+    config_generation: int = 0
+    error: str = ""
+    exit_code: ExitCode = ExitCode.OK
+
+
+def collect(home: Home) -> list[HostStatus]:
+    with home.locked():
+        hosts = home.load_hosts()
+        assignment = home.load_assignment()
+    slots = assignment.slots if assignment else []
+    expected = {h.name: sorted(s.core for s in slots if s.host == h.name) for h in hosts}
+    credentials = Credentials(home)
+    results = for_each_host(hosts, lambda h: _host_status(credentials, h, expected[h.name]))
+    return [results[h.name] for h in hosts]
+
+
+def _host_status(credentials: Credentials, host: Host, expected: list[int]) -> HostStatus:
+    status = HostStatus(host.name, host.address, host.agent, reachable=False, expected_cores=expected)
+    channel, stub = credentials.stub(host)
+    try:
+        reply = stub.GetStatus(pb.GetStatusRequest(), timeout=CALL_TIMEOUT)
+    except grpc.RpcError as err:
+        failure = call_error(err)
+        status.error, status.exit_code = failure.reason, failure.exit_code
+        return status
+    finally:
+        channel.close()
+    status.reachable = True
+    status.config_generation = reply.config_generation
+    now = time.time()
+    status.processes = [_process(p, now) for p in reply.processes]
+    return status
+
+
+def _process(p: pb.ProcessStatus, now: float) -> dict:
+    return {
+        "core": p.core,
+        "pid": p.pid,
+        "state": _STATE_NAMES.get(p.state, "unknown"),
+        "restarts": p.restarts,
+        "uptime_seconds": round(now - p.start_time, 1) if p.start_time else 0.0,
+        "listen_address": p.listen_address,
+        "listening": p.listening,
+        "last_exit_status": p.last_exit_status if p.has_last_exit else None,
+        "cpu_percent": round(p.cpu_percent, 1),
+        "rss_bytes": p.rss_bytes,
+        "detail": p.detail,
+    }

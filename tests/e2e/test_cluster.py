@@ -1,0 +1,169 @@
+"""A three-host cluster on loopback: real agents, real mutual TLS, the stand-in node.
+
+The hosts follow the node runners' manual guide: control host A with 4 CPUs
+and 1 reserved (3 workers), B with 4 workers, C with 10 workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from quil_cluster.coordinator.demo import LocalCluster
+
+from helpers import DATA, free_port_range
+
+pytestmark = pytest.mark.e2e
+
+HOSTS = {"A": "127.0.0.2", "B": "127.0.0.3", "C": "127.0.0.4"}
+
+
+def _json(capsys, cluster, *argv):
+    capsys.readouterr()
+    code = cluster.coord(*argv, "--json")
+    return code, json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster")
+    local = LocalCluster(root)
+    control_config = root / "config-1.4.21.yml"
+    control_config.write_bytes((DATA / "config-1.4.21.yml").read_bytes())
+    base = free_port_range(list(HOSTS.values()), 17)
+    assert local.init(control_config, "--port-scheme", "global", "--base-port", str(base)) == 0
+    assert local.add_host("A", HOSTS["A"], "--control", "--cpus", "4", "--reserve", "1") == 0
+    assert local.add_host("B", HOSTS["B"], "--workers", "4") == 0
+    assert local.add_host("C", HOSTS["C"], "--workers", "10") == 0
+    local.base_port = base
+    try:
+        for name in HOSTS:
+            local.start_agent(name)
+        yield local
+    finally:
+        local.stop_all()
+
+
+@pytest.fixture(scope="module")
+def applied(cluster):
+    assert cluster.coord("assign") == 0
+    assert cluster.coord("apply") == 0
+    return cluster
+
+
+def _status(capsys, cluster):
+    code, data = _json(capsys, cluster, "status")
+    assert code == 0
+    return {host["name"]: host for host in data["hosts"]}
+
+
+def _wait_all_listening(capsys, cluster, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        hosts = _status(capsys, cluster)
+        workers = [p for h in hosts.values() for p in h["processes"] if p["core"] != 0]
+        if len(workers) == 17 and all(p["listening"] for p in workers):
+            return hosts
+        assert time.monotonic() < deadline, f"workers not listening: {hosts}"
+        time.sleep(0.1)
+
+
+def test_assign_json_lists_17_workers(capsys, cluster):
+    code, plan = _json(capsys, cluster, "assign", "--dry-run")
+    assert code == 0
+    base = cluster.base_port
+    expected = [(c, "A", f"/ip4/127.0.0.2/tcp/{base + c - 1}") for c in range(1, 4)]
+    expected += [(c, "B", f"/ip4/127.0.0.3/tcp/{base + c - 1}") for c in range(4, 8)]
+    expected += [(c, "C", f"/ip4/127.0.0.4/tcp/{base + c - 1}") for c in range(8, 18)]
+    assert [(w["core"], w["host"], w["multiaddr"]) for w in plan["workers"]] == expected
+
+
+def test_apply_runs_every_worker_on_its_entry(capsys, applied):
+    hosts = _wait_all_listening(capsys, applied)
+    base = applied.base_port
+    for name, host in hosts.items():
+        assert host["reachable"] is True
+        for process in host["processes"]:
+            if process["core"] == 0:
+                continue
+            expected = f"/ip4/{HOSTS[name]}/tcp/{base + process['core'] - 1}"
+            assert process["listen_address"] == expected
+            assert process["state"] == "running"
+            listens = {(c.laddr.ip, c.laddr.port) for c in psutil.Process(process["pid"]).net_connections("tcp")
+                       if c.status == psutil.CONN_LISTEN}
+            assert listens == {(HOSTS[name], base + process["core"] - 1)}
+    assert sorted(p["core"] for p in hosts["A"]["processes"]) == [0, 1, 2, 3]
+    assert sorted(p["core"] for p in hosts["B"]["processes"]) == [4, 5, 6, 7]
+    assert sorted(p["core"] for p in hosts["C"]["processes"]) == list(range(8, 18))
+    control = next(p for p in hosts["A"]["processes"] if p["core"] == 0)
+    assert control["state"] in ("starting", "running")
+
+
+def test_pushed_config_differs_only_in_worker_list(applied):
+    original = yaml.safe_load((DATA / "config-1.4.21.yml").read_text())
+    for name in HOSTS:
+        pushed_path = applied.root / "nodes" / name / ".config" / "config.yml"
+        pushed = yaml.safe_load(pushed_path.read_text())
+        workers = pushed["engine"].pop("dataWorkerMultiaddrs")
+        original["engine"].pop("dataWorkerMultiaddrs", None)
+        assert pushed == original
+        assert len(workers) == 17
+        assert workers[3] == f"/ip4/127.0.0.3/tcp/{applied.base_port + 3}"
+        assert pushed_path.stat().st_mode & 0o777 == 0o600
+
+
+def test_killed_worker_restarts_within_one_second(capsys, applied):
+    before = _wait_all_listening(capsys, applied)
+    victim = next(p for p in before["B"]["processes"] if p["core"] == 5)
+    killed_at = time.time()
+    os.kill(victim["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while True:
+        entry = next(p for p in _status(capsys, applied)["B"]["processes"] if p["core"] == 5)
+        if entry["pid"] not in (0, victim["pid"]) and entry["state"] in ("starting", "running"):
+            break
+        assert time.monotonic() < deadline, entry
+        time.sleep(0.05)
+    assert entry["restarts"] == 1
+    assert entry["last_exit_status"] == -signal.SIGKILL
+    started_at = time.time() - entry["uptime_seconds"]
+    # uptime is rounded to 0.1 s, hence the margin
+    assert started_at - killed_at < 1.0 + 0.1
+
+
+def test_second_apply_changes_nothing(capsys, applied):
+    _wait_all_listening(capsys, applied)
+    code, report = _json(capsys, applied, "apply")
+    assert code == 0
+    assert [h["outcome"] for h in report["hosts"]] == ["unchanged", "unchanged", "unchanged"]
+    assert all(not h["started"] and not h["stopped"] and not h["restarted"] for h in report["hosts"])
+    assert [h["control"] for h in report["hosts"]] == ["none", "none", "none"]
+
+
+def test_status_shows_stopped_agent_unreachable(capsys, applied):
+    applied.stop_agent("C")
+    try:
+        capsys.readouterr()
+        code = applied.coord("status", "--json")
+        hosts = {h["name"]: h for h in json.loads(capsys.readouterr().out)["hosts"]}
+        assert code == 5
+        assert hosts["C"]["reachable"] is False
+        assert hosts["C"]["processes"] == []
+        assert hosts["C"]["error"].startswith("unavailable:")
+        assert hosts["A"]["reachable"] is True
+    finally:
+        applied.start_agent("C")
+
+
+def test_restarted_agent_restores_workers(capsys, applied):
+    # runs after the agent of C was stopped and started again above
+    hosts = _wait_all_listening(capsys, applied)
+    assert sorted(p["core"] for p in hosts["C"]["processes"]) == list(range(8, 18))
+    assert all(p["restarts"] == 0 for p in hosts["C"]["processes"])
