@@ -25,7 +25,7 @@ import grpc
 from ..common import nodeconfig
 from ..common.errors import ConfigError
 from ..common.states import ALIVE_STATES, State
-from ..common.yamlio import write_atomic
+from ..common.files import write_atomic
 from .config import AgentConfig
 from .supervisor import ProcessSpec, Supervisor
 
@@ -151,7 +151,7 @@ class Reconciler:
             raise RequestError(invalid, "config_sha256 does not match the config content; nothing was written")
         if generation not in nodeconfig.GENERATIONS:
             raise RequestError(invalid, f"unknown node generation '{generation}'; use 1.4, 2.0 or 2.1")
-        if len(cores) > MAX_CORES or len(set(cores)) != len(cores) or any(c < 1 for c in cores):
+        if len(cores) > MAX_CORES or len(set(cores)) != len(cores) or any(not 1 <= c <= MAX_CORES for c in cores):
             raise RequestError(invalid, f"cores must be distinct indices from 1 to {MAX_CORES}")
         try:
             text = config_yaml.decode("utf-8")

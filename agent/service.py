@@ -17,7 +17,8 @@ import grpc
 import psutil
 
 from .. import __version__
-from ..common import tls
+from ..common import pki, tls
+from ..common.errors import ConfigError, TLSError
 from ..common.states import State
 from ..proto import agent_pb2 as pb
 from ..proto import agent_pb2_grpc as pb_grpc
@@ -173,17 +174,39 @@ class Agent:
 def build_server(config: AgentConfig) -> Agent:
     """Assemble and start the agent, in order:
 
-    1. create the state and log directories (owner only)
-    2. stop processes an earlier run of this agent left behind
-    3. start the supervisor loop and restore the persisted desired state
-    4. serve the Agent API over mutual TLS with per-method authorization
+    1. check the TLS files and bind the API port, so a bad setup fails
+       before any node process starts
+    2. create the state and log directories (owner only)
+    3. stop processes an earlier run of this agent left behind
+    4. start the supervisor loop and restore the persisted desired state
+    5. serve the Agent API over mutual TLS with per-method authorization
     """
-    # 1. directories
+    # 1. TLS files and port
+    pem = pki.load_pem_files(config.tls.key, config.tls.cert, config.tls.ca)
+    if pem.identity.role != "agent" or pem.identity.cluster != config.cluster:
+        raise TLSError(f"{config.tls.cert}: certificate is for {pem.identity.uri}, not an agent of cluster"
+                       f" {config.cluster}; use the bundle written by quil-coord host add")
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rpc"),
+        interceptors=[tls.AuthorizationInterceptor(config.cluster, POLICY)],
+        options=[
+            ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+            ("grpc.max_send_message_length", MAX_SEND_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+    )
+    credentials = tls.server_credentials(pem.key_pem, pem.cert_pem, pem.ca_pem)
+    try:
+        port = server.add_secure_port(config.listen, credentials)
+    except RuntimeError as err:
+        raise ConfigError(f"cannot listen on {config.listen} ({err}); is another agent running there?") from err
+
+    # 2. directories
     for directory in (config.state_dir, config.log_dir):
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    key_pem, cert_pem, ca_pem = (p.read_bytes() for p in (config.tls.key, config.tls.cert, config.tls.ca))
 
-    # 2. leftovers
+    # 3. leftovers
     policy = Policy(start_seconds=config.start_seconds, stop_grace_seconds=config.stop_grace_seconds,
                     log_max_bytes=config.log_max_bytes, log_backups=config.log_backups)
     table = config.state_dir / "processes.json"
@@ -191,25 +214,15 @@ def build_server(config: AgentConfig) -> Agent:
     if stopped:
         log.info("stopped %d processes left by an earlier run: cores %s", len(stopped), stopped)
 
-    # 3. supervisor and desired state
+    # 4. supervisor and desired state
     supervisor = Supervisor(table, policy, instance_id=f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
     supervisor.begin()
     reconciler = Reconciler(config, supervisor)
     with reconciler.lock:
         reconciler.restore()
 
-    # 4. gRPC server
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rpc"),
-        interceptors=[tls.AuthorizationInterceptor(config.cluster, POLICY)],
-        options=[
-            ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
-            ("grpc.max_send_message_length", MAX_SEND_BYTES),
-        ],
-        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
-    )
+    # 5. serve
     pb_grpc.add_AgentServicer_to_server(AgentService(config, reconciler), server)
-    port = server.add_secure_port(config.listen, tls.server_credentials(key_pem, cert_pem, ca_pem))
     server.start()
     log.info("listening: agent API on %s (mutual TLS, cluster %s)", config.listen, config.cluster)
     return Agent(server, supervisor, reconciler, port)

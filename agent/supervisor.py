@@ -32,7 +32,7 @@ from typing import Callable
 import psutil
 
 from ..common.states import ALIVE_STATES, State
-from ..common.yamlio import write_atomic
+from ..common.files import write_atomic
 from . import listeners
 
 log = logging.getLogger(__name__)

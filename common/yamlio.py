@@ -1,4 +1,4 @@
-"""Strict YAML loading and atomic file writes for the project's own files.
+"""Strict YAML loading for the project's own files.
 
 The project's files (agent.yaml, cluster.yaml, hosts.yaml) are read with
 duplicate and unknown keys rejected, because a silently ignored key is the
@@ -8,8 +8,6 @@ most common way a node runner's intent gets lost.
 from __future__ import annotations
 
 import difflib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -76,40 +74,6 @@ def reject_unknown_keys(data: dict[str, Any], known: Iterable[str], source: str)
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
             raise ConfigError(f"{source}: unknown key '{key}'{hint}")
-
-
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o644, backup: bool = False) -> None:
-    """Replace path with data so readers see the old or the new file, never a mix.
-
-    The data goes to a temporary file in the same directory, is flushed to
-    disk, then renamed over the target. With backup=True the previous file
-    is kept as PATH.bak (a hard link, so the old inode is never modified).
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if backup and path.exists():
-            previous = path.with_name(path.name + ".bak")
-            previous.unlink(missing_ok=True)
-            os.link(path, previous)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def dump(data: Any) -> bytes:

@@ -22,7 +22,7 @@ def issue_agent_cert(home: Home, cluster: str, host: Host) -> tuple[bytes, bytes
     ca_key, ca_cert = home.file("ca.key").read_bytes(), home.file("ca.crt").read_bytes()
     agent_host = host.agent.rpartition(":")[0].strip("[]")
     try:
-        ips, dns = [ipaddress.ip_address(agent_host)], [host.name]
+        ips, dns = [str(ipaddress.ip_address(agent_host))], [host.name]
     except ValueError:
         ips, dns = [], [agent_host, host.name]
     identity = pki.Identity(cluster=cluster, role="agent", name=host.name)

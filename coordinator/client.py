@@ -9,8 +9,7 @@ from typing import Callable, Iterable, TypeVar
 
 import grpc
 
-from ..common import tls
-from ..common.errors import TLSError
+from ..common import pki, tls
 from ..common.exitcodes import ExitCode
 from ..proto import agent_pb2 as pb
 from ..proto import agent_pb2_grpc as pb_grpc
@@ -52,6 +51,9 @@ def call_error(err: grpc.RpcError) -> CallError:
     details = (err.details() if hasattr(err, "details") else "") or code.name
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         details = "timed out"
+    elif code == grpc.StatusCode.UNAVAILABLE and "Socket closed" in details:
+        # A rejected TLS handshake looks like this to the client; the agent's log has the reason.
+        details += "; if the agent is running, check that its certificates come from this cluster's CA"
     return CallError(outcome, exit_code, f"{code.name.lower()}: {details}")
 
 
@@ -59,11 +61,9 @@ class Credentials:
     """The coordinator's client credentials, loaded once per command."""
 
     def __init__(self, home: Home) -> None:
-        try:
-            key, cert, ca = (home.file(n).read_bytes() for n in ("coordinator.key", "coordinator.crt", "ca.crt"))
-        except OSError as err:
-            raise TLSError(f"{err.filename}: cannot read ({err.strerror}); is this an initialized --home?") from err
-        self.channel_credentials = tls.channel_credentials(key, cert, ca)
+        home.require()
+        pem = pki.load_pem_files(home.file("coordinator.key"), home.file("coordinator.crt"), home.file("ca.crt"))
+        self.channel_credentials = tls.channel_credentials(pem.key_pem, pem.cert_pem, pem.ca_pem)
 
     def stub(self, host: Host) -> tuple[grpc.Channel, pb_grpc.AgentStub]:
         channel = tls.secure_channel(host.agent, self.channel_credentials)

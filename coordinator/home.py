@@ -22,7 +22,8 @@ from typing import Any, Iterator
 
 from ..common import nodeconfig
 from ..common.errors import ConfigError, StateError
-from ..common.yamlio import dump, read_mapping, reject_unknown_keys, write_atomic
+from ..common.files import write_atomic
+from ..common.yamlio import dump, read_mapping, reject_unknown_keys
 from .assign import PORT_SCHEMES, Ports, Slot, slots_from_rows, slots_to_rows
 from .inventory import Host, from_dicts
 

@@ -1,0 +1,148 @@
+"""Apply over real mutual TLS: hostile and invalid requests are rejected and write nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import grpc
+import pytest
+from agent_harness import ADDRESS
+from helpers import DATA, free_port_range
+
+from quil_cluster.common import nodeconfig
+from quil_cluster.proto import agent_pb2 as pb
+
+TIMEOUT = 30
+
+
+def _config(entries: list[str]) -> bytes:
+    base = nodeconfig.load((DATA / "config-1.4.21.yml").read_text())
+    return nodeconfig.render(base, "1.4", entries).encode()
+
+
+def _request(config: bytes, cores, run_control=False, **fields) -> pb.ApplyRequest:
+    values = dict(config_yaml=config, config_sha256=hashlib.sha256(config).hexdigest(), config_generation=1,
+                  node_generation=pb.NODE_GENERATION_1_4, cores=cores, run_control=run_control)
+    values.update(fields)
+    return pb.ApplyRequest(**values)
+
+
+def _entries(count: int, address: str = ADDRESS) -> list[str]:
+    base = free_port_range([address], count)
+    return [f"/ip4/{address}/tcp/{base + i}" for i in range(count)]
+
+
+def _rejected(running_agent, request) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as err:
+        running_agent.client().Apply(request, timeout=TIMEOUT)
+    assert not (running_agent.config.node_config_dir / "config.yml").exists()
+    return err.value
+
+
+def _wait_listening(stub, cores, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        status = stub.GetStatus(pb.GetStatusRequest(), timeout=TIMEOUT)
+        if {p.core for p in status.processes if p.listening} >= set(cores):
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
+
+
+def test_apply_starts_workers_then_is_idempotent(running_agent):
+    stub = running_agent.client()
+    config = _config(_entries(2))
+    first = stub.Apply(_request(config, [1, 2]), timeout=TIMEOUT)
+    assert (first.changed, first.config_changed, list(first.started)) == (True, True, [1, 2])
+    status = _wait_listening(stub, [1, 2])
+    assert [p.state for p in status.processes] == [pb.PROCESS_STATE_RUNNING] * 2 or all(
+        p.state in (pb.PROCESS_STATE_STARTING, pb.PROCESS_STATE_RUNNING) for p in status.processes)
+    second = stub.Apply(_request(config, [1, 2]), timeout=TIMEOUT)
+    assert (second.changed, list(second.started), list(second.restarted)) == (False, [], [])
+
+
+def test_apply_writes_config_0600_and_keeps_backup(running_agent):
+    stub = running_agent.client()
+    entries = _entries(3)
+    first, second = _config(entries[:1]), _config(entries)
+    stub.Apply(_request(first, [1]), timeout=TIMEOUT)
+    stub.Apply(_request(second, [1]), timeout=TIMEOUT)
+    directory = running_agent.config.node_config_dir
+    assert (directory / "config.yml").read_bytes() == second
+    assert (directory / "config.yml.bak").read_bytes() == first
+    assert (directory / "config.yml").stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in directory.iterdir()) == ["config.yml", "config.yml.bak"]
+
+
+def test_apply_moves_and_stops_cores(running_agent):
+    stub = running_agent.client()
+    entries = _entries(4)
+    stub.Apply(_request(_config(entries[:2]), [1, 2]), timeout=TIMEOUT)
+    moved = [entries[3], entries[1]]
+    reply = stub.Apply(_request(_config(moved), [1]), timeout=TIMEOUT)
+    assert list(reply.stopped) == [2]
+    assert list(reply.restarted) == [1]
+    status = _wait_listening(stub, [1])
+    assert [(p.core, p.listen_address) for p in status.processes] == [(1, entries[3])]
+
+
+def test_apply_with_wrong_hash_is_rejected(running_agent):
+    err = _rejected(running_agent, _request(_config(_entries(1)), [1], config_sha256="0" * 64))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == "config_sha256 does not match the config content; nothing was written"
+
+
+def test_apply_core_outside_list_is_rejected(running_agent):
+    err = _rejected(running_agent, _request(_config(_entries(2)), [3]))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.details() == "core 3 has no entry in the worker list (length 2)"
+
+
+def test_apply_core_of_other_host_is_rejected(running_agent):
+    entries = [f"/ip4/192.0.2.7/tcp/40000"]
+    err = _rejected(running_agent, _request(_config(entries), [1]))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.details() == (
+        "core 1 would bind /ip4/192.0.2.7/tcp/40000, but this host's worker_address is 127.0.0.5;"
+        " fix the host's address in the coordinator inventory"
+    )
+
+
+@pytest.mark.parametrize("cores", [[0], [1, 1], [5000]])
+def test_apply_invalid_core_lists_are_rejected(running_agent, cores):
+    err = _rejected(running_agent, _request(_config(_entries(1)), cores))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == "cores must be distinct indices from 1 to 4096"
+
+
+def test_apply_unknown_generation_is_rejected(running_agent):
+    err = _rejected(running_agent, _request(_config(_entries(1)), [1], node_generation=0))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == "unknown node generation ''; use 1.4, 2.0 or 2.1"
+
+
+def test_apply_broken_yaml_is_rejected(running_agent):
+    err = _rejected(running_agent, _request(b"engine:\n  dataWorkerMultiaddrs: [\n", [1]))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details().startswith("config.yml from the coordinator:")
+
+
+def test_apply_binary_garbage_is_rejected(running_agent):
+    err = _rejected(running_agent, _request(b"\xff\xfe\x00garbage", [1]))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == "config is not UTF-8 text (byte 0)"
+
+
+def test_apply_oversized_message_is_rejected(running_agent):
+    huge = b"# " + b"x" * (3 * 1024 * 1024) + b"\n"
+    err = _rejected(running_agent, _request(huge, [1]))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_stop_all_stops_workers_and_forgets_them(running_agent):
+    stub = running_agent.client()
+    stub.Apply(_request(_config(_entries(2)), [1, 2]), timeout=TIMEOUT)
+    _wait_listening(stub, [1, 2])
+    assert list(stub.StopAll(pb.StopAllRequest(), timeout=TIMEOUT).stopped) == [1, 2]
+    assert list(stub.GetStatus(pb.GetStatusRequest(), timeout=TIMEOUT).processes) == []
