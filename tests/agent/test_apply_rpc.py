@@ -146,3 +146,66 @@ def test_stop_all_stops_workers_and_forgets_them(running_agent):
     _wait_listening(stub, [1, 2])
     assert list(stub.StopAll(pb.StopAllRequest(), timeout=TIMEOUT).stopped) == [1, 2]
     assert list(stub.GetStatus(pb.GetStatusRequest(), timeout=TIMEOUT).processes) == []
+
+
+def _control_pid(stub) -> int:
+    status = stub.GetStatus(pb.GetStatusRequest(), timeout=TIMEOUT)
+    return next(p.pid for p in status.processes if p.core == 0)
+
+
+def test_control_process_held_then_started(running_agent):
+    stub = running_agent.client()
+    config = _config(_entries(1))
+    held = stub.Apply(_request(config, [1], run_control=True, hold_control=True), timeout=TIMEOUT)
+    assert held.control == pb.CONTROL_ACTION_HELD
+    assert [p.core for p in stub.GetStatus(pb.GetStatusRequest(), timeout=TIMEOUT).processes] == [1]
+    started = stub.Apply(_request(config, [1], run_control=True), timeout=TIMEOUT)
+    assert started.control == pb.CONTROL_ACTION_STARTED
+    assert _control_pid(stub) > 0
+
+
+def test_control_restarts_only_when_worker_list_changes(running_agent):
+    stub = running_agent.client()
+    entries = _entries(2)
+    stub.Apply(_request(_config(entries[:1]), [1], run_control=True), timeout=TIMEOUT)
+    first_pid = _control_pid(stub)
+    other_keys = _config(entries[:1]).replace(b"pendingCommitWorkers: 4", b"pendingCommitWorkers: 8")
+    same_list = stub.Apply(_request(other_keys, [1], run_control=True), timeout=TIMEOUT)
+    assert (same_list.config_changed, same_list.control) == (True, pb.CONTROL_ACTION_NONE)
+    assert _control_pid(stub) == first_pid
+    grown = stub.Apply(_request(_config(entries), [1, 2], run_control=True), timeout=TIMEOUT)
+    assert grown.control == pb.CONTROL_ACTION_RESTARTED
+    assert _control_pid(stub) not in (0, first_pid)
+
+
+def test_control_argv_has_no_core_flag(running_agent):
+    stub = running_agent.client()
+    stub.Apply(_request(_config(_entries(1)), [1], run_control=True), timeout=TIMEOUT)
+    import psutil
+
+    argv = psutil.Process(_control_pid(stub)).cmdline()
+    assert "--core" not in argv
+    assert argv[-2:] == ["--config", str(running_agent.config.node_config_dir)]
+
+
+def test_worker_argv_follows_node_contract(running_agent):
+    stub = running_agent.client()
+    stub.Apply(_request(_config(_entries(1)), [1]), timeout=TIMEOUT)
+    import os
+
+    import psutil
+
+    status = _wait_listening(stub, [1])
+    argv = psutil.Process(status.processes[0].pid).cmdline()
+    assert argv[-6:] == ["--config", str(running_agent.config.node_config_dir), "--core", "1",
+                         "--parent-process", str(os.getpid())]
+
+
+def test_watch_status_streams_snapshots(running_agent):
+    stub = running_agent.client()
+    stub.Apply(_request(_config(_entries(1)), [1]), timeout=TIMEOUT)
+    stream = stub.WatchStatus(pb.WatchStatusRequest(interval_seconds=0.2), timeout=TIMEOUT)
+    snapshots = [next(stream) for _ in range(3)]
+    stream.cancel()
+    assert [[p.core for p in s.processes] for s in snapshots] == [[1], [1], [1]]
+    assert all(s.config_generation == 1 for s in snapshots)

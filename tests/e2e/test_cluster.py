@@ -167,3 +167,26 @@ def test_restarted_agent_restores_workers(capsys, applied):
     hosts = _wait_all_listening(capsys, applied)
     assert sorted(p["core"] for p in hosts["C"]["processes"]) == list(range(8, 18))
     assert all(p["restarts"] == 0 for p in hosts["C"]["processes"])
+
+
+def test_added_host_appends_cores_and_restarts_only_control(capsys, applied):
+    before = _wait_all_listening(capsys, applied)
+    pids = {p["core"]: p["pid"] for h in before.values() for p in h["processes"]}
+    assert applied.add_host("D", "127.0.0.7", "--workers", "2") == 0
+    applied.start_agent("D")
+    code, plan = _json(capsys, applied, "assign")
+    assert code == 0
+    assert plan["added"] == [18, 19]
+    assert plan["moved"] == []
+    assert [w["multiaddr"] for w in plan["workers"][17:]] == [
+        f"/ip4/127.0.0.7/tcp/{applied.base_port + 17}", f"/ip4/127.0.0.7/tcp/{applied.base_port + 18}"]
+    code, report = _json(capsys, applied, "apply")
+    assert code == 0
+    outcome = {h["name"]: h for h in report["hosts"]}
+    assert outcome["D"]["started"] == [18, 19]
+    assert outcome["A"]["control"] == "restarted"
+    assert all(outcome[name]["restarted"] == [] and outcome[name]["config_changed"] for name in HOSTS)
+    after = _status(capsys, applied)
+    assert {p["core"]: p["pid"] for name in HOSTS for p in after[name]["processes"] if p["core"]} == {
+        core: pid for core, pid in pids.items() if core}
+    assert next(p["pid"] for p in after["A"]["processes"] if p["core"] == 0) != pids[0]
