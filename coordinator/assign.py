@@ -5,8 +5,8 @@ Rules (node runners' cluster guide, and what the node requires):
   * exactly one host runs the control process;
   * stable: existing cores keep their index and address; a new host or a
     grown host gets new cores appended at the end. Removing a host or
-    shrinking one closes the gap by moving later cores down, which the plan
-    reports as moved.
+    shrinking one leaves gaps, which the highest cores fill: the fewest
+    cores change index, and the plan reports each of them as moved.
 Port schemes: 'per-host' counts each host's ports from the base port;
 'global' gives core N the port base + N - 1 across the whole cluster.
 """
@@ -57,7 +57,7 @@ def assign(hosts: list[Host], counts: dict[str, int], previous: list[Slot], port
     """Compute the assignment for hosts with the given worker counts, keeping previous where possible."""
     _check_hosts(hosts, counts, ports)
     kept = _keep_previous(hosts, counts, previous)
-    slots = _renumber(kept) + []
+    slots = _renumber(kept)
     slots = _append_new(hosts, counts, slots, ports)
     slots = _place_ports(slots, ports)
     _check_ports(slots, ports)
@@ -90,7 +90,13 @@ def _keep_previous(hosts: list[Host], counts: dict[str, int], previous: list[Slo
 
 
 def _renumber(kept: list[Slot]) -> list[Slot]:
-    return [Slot(index + 1, s.host, s.address, s.offset) for index, s in enumerate(kept)]
+    """Close the gaps in 1..len(kept) with the cores numbered above it, lowest gap first."""
+    count = len(kept)
+    gaps = sorted(set(range(1, count + 1)) - {s.core for s in kept})
+    movers = sorted((s for s in kept if s.core > count), key=lambda s: s.core)
+    moved = {s.core: gap for s, gap in zip(movers, gaps)}
+    renumbered = [Slot(moved.get(s.core, s.core), s.host, s.address, s.offset) for s in kept]
+    return sorted(renumbered, key=lambda s: s.core)
 
 
 def _append_new(hosts: list[Host], counts: dict[str, int], slots: list[Slot], ports: Ports) -> list[Slot]:

@@ -64,14 +64,39 @@ def test_assign_grown_host_appends_at_end():
     assert _ports(second.slots[7:]) == [(8, "A", 40003), (9, "A", 40004)]
 
 
-def test_assign_removed_host_closes_gap():
+def test_assign_removed_middle_host_moves_fewest_cores():
+    hosts = _hosts() + [Host("C", "192.0.2.13", "192.0.2.13:7350", workers=10)]
+    first = assign(hosts, _counts(hosts), [], GLOBAL)
+    remaining = [hosts[0], hosts[2]]
+    second = assign(remaining, _counts(remaining), first.slots, GLOBAL)
+    # cores 14-17 of C fill the gap 4-7 left by B; cores 8-13 stay where they are
+    assert [(s.core, s.host) for s in second.slots] == [(c, "A") for c in (1, 2, 3)] + [(c, "C") for c in range(4, 14)]
+    assert second.removed == [14, 15, 16, 17]
+    assert second.moved == [4, 5, 6, 7]
+    kept = {s.core: s for s in second.slots}
+    assert all(kept[c] == first.slots[c - 1] for c in range(8, 14))
+
+
+def test_assign_removed_host_per_host_ports_stay():
     hosts = _hosts() + [Host("C", "192.0.2.13", "192.0.2.13:7350", workers=2)]
     first = assign(hosts, _counts(hosts), [], PER_HOST)
     remaining = [hosts[0], hosts[2]]
     second = assign(remaining, _counts(remaining), first.slots, PER_HOST)
-    assert [(s.core, s.host) for s in second.slots] == [(1, "A"), (2, "A"), (3, "A"), (4, "C"), (5, "C")]
+    assert [(s.core, s.host, 40000 + s.offset) for s in second.slots] == [
+        (1, "A", 40000), (2, "A", 40001), (3, "A", 40002), (4, "C", 40000), (5, "C", 40001)]
     assert second.removed == [6, 7, 8, 9]
     assert second.moved == [4, 5]
+
+
+def test_assign_shrunk_host_fills_gap_from_the_end():
+    hosts = _hosts() + [Host("C", "192.0.2.13", "192.0.2.13:7350", workers=3)]
+    first = assign(hosts, _counts(hosts), [], PER_HOST)
+    hosts[1].workers = 2
+    second = assign(hosts, _counts(hosts), first.slots, PER_HOST)
+    assert [(s.core, s.host) for s in second.slots] == [
+        (1, "A"), (2, "A"), (3, "A"), (4, "B"), (5, "B"), (6, "C"), (7, "C"), (8, "C")]
+    assert second.moved == [6, 7]
+    assert second.removed == [9, 10]
 
 
 def test_assign_is_stable_when_nothing_changed():
