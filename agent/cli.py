@@ -16,7 +16,7 @@ import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from ..common import logsetup  # noqa: E402
-from ..common.errors import ConfigError, QuilClusterError, TLSError  # noqa: E402
+from ..common.errors import QuilClusterError, TLSError  # noqa: E402
 from ..common.exitcodes import ExitCode  # noqa: E402
 from . import config as agent_config  # noqa: E402
 
@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quil-agent",
         description="Run and supervise this host's Quilibrium node processes for quil-coord.",
-        epilog="Exit status: 0 ok, 1 unexpected error, 2 usage, 3 invalid config, 6 TLS, 130 interrupted.",
+        epilog="Exit status: 0 ok, 1 unexpected error, 2 usage, 3 invalid config, 4 join rejected,"
+        " 6 TLS or coordinator not verified, 130 interrupted.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve the agent API and supervise the node processes")
@@ -36,6 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format on stderr")
     run.add_argument("--debug", action="store_true", help="log per-RPC detail")
     sub.add_parser("sample-config", help="print an annotated agent.yaml with the defaults")
+
+    join = sub.add_parser("join", help="enroll this host with a join token from quil-coord token create")
+    join.add_argument("coordinator", help="HOST:PORT of quil-coord serve")
+    join.add_argument("--token", required=True, help="the join token")
+    join.add_argument("--ca-hash", required=True, help="sha256:HEX of the cluster CA's public key (pinned)")
+    join.add_argument("--address", help="IP address this host's workers bind (default: the one that reaches "
+                      "the coordinator)")
+    join.add_argument("--agent-port", type=int, default=7350, help="port the agent listens on (default 7350)")
+    join.add_argument("--dir", type=Path, default=agent_config.DEFAULT_CONFIG_PATH.parent,
+                      help=f"where to write agent.yaml and the TLS files (default {agent_config.DEFAULT_CONFIG_PATH.parent})")
+    join.add_argument("--node-binary", default="/opt/quilibrium/node/node", help="the node binary on this host")
+    join.add_argument("--node-config-dir", default="/var/lib/quil-agent/node/.config",
+                      help="node config directory on this host (passed as --config)")
+    join.add_argument("--state-dir", default="/var/lib/quil-agent/state", help="agent state directory")
+    join.add_argument("--run", action="store_true", help="start the agent right after joining")
     return parser
 
 
@@ -44,17 +60,42 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sample-config":
         sys.stdout.write(agent_config.sample())
         return ExitCode.OK
-    logsetup.configure(logging.DEBUG if args.debug else logging.INFO, args.log_format)
+    logsetup.configure(logging.DEBUG if getattr(args, "debug", False) else logging.INFO,
+                       getattr(args, "log_format", "text"))
     try:
+        if args.command == "join":
+            return run_join(args)
         return run(args.config)
     except TLSError as err:
         log.error("%s", err)
         return ExitCode.TLS
-    except (ConfigError, QuilClusterError) as err:
+    except QuilClusterError as err:
         log.error("%s", err)
-        return ExitCode.CONFIG
+        return _exit_code(err)
     except KeyboardInterrupt:
         return ExitCode.INTERRUPTED
+
+
+def _exit_code(err: QuilClusterError) -> int:
+    from .join import JoinFailed
+
+    return ExitCode.HOST_FAILED if isinstance(err, JoinFailed) else ExitCode.CONFIG
+
+
+def run_join(args: argparse.Namespace) -> int:
+    from .join import JoinOptions, join
+
+    options = JoinOptions(
+        coordinator=args.coordinator, token=args.token, ca_hash=args.ca_hash, directory=args.dir,
+        address=args.address, agent_port=args.agent_port, node_binary=args.node_binary,
+        node_config_dir=args.node_config_dir, state_dir=args.state_dir,
+    )
+    path = join(options)
+    print(f"joined; agent config written to {path}")
+    if args.run:
+        return run(path)
+    print(f"start the agent with: quil-agent run --config {path}")
+    return ExitCode.OK
 
 
 def run(config_path: Path) -> int:

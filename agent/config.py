@@ -116,7 +116,12 @@ def _string_map(value: Any, key: str, source: str) -> dict[str, str]:
 
 
 def _validate(config: AgentConfig, source: str) -> None:
+    if not isinstance(config.cluster, str) or not config.cluster:
+        raise ConfigError(f"{source}: 'cluster' must be a non-empty string")
     split_host_port(config.listen, f"{source}: listen")
+    # ip_address() also accepts an integer, which YAML makes of an unquoted number.
+    if not isinstance(config.worker_address, str):
+        raise ConfigError(f"{source}: worker_address '{config.worker_address}' is not an IP address")
     try:
         address = ipaddress.ip_address(config.worker_address)
     except ValueError as err:
@@ -127,10 +132,13 @@ def _validate(config: AgentConfig, source: str) -> None:
         )
     for number_key in ("stop_grace_seconds", "start_seconds"):
         number = getattr(config, number_key)
-        if not isinstance(number, (int, float)) or not 0 < number <= 3600:
+        # bool is a subclass of int, but `true` is no number of seconds.
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 < number <= 3600:
             raise ConfigError(f"{source}: '{number_key}' must be a number of seconds between 0 and 3600")
     if not isinstance(config.log_max_bytes, int) or config.log_max_bytes < 4096:
         raise ConfigError(f"{source}: 'log_max_bytes' must be an integer of at least 4096")
+    if isinstance(config.log_backups, bool) or not isinstance(config.log_backups, int) or config.log_backups < 1:
+        raise ConfigError(f"{source}: 'log_backups' must be an integer of at least 1")
 
 
 def split_host_port(value: Any, what: str) -> tuple[str, int]:
@@ -139,7 +147,8 @@ def split_host_port(value: Any, what: str) -> tuple[str, int]:
         raise ConfigError(f"{what}: '{value}' is not HOST:PORT")
     host, _, port_text = value.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    # isdigit() alone also accepts non-ASCII digits such as '²', which int() rejects.
+    if not host or not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
         raise ConfigError(f"{what}: '{value}' is not HOST:PORT with a port from 1 to 65535")
     return host, int(port_text)
 

@@ -33,8 +33,9 @@ def listening() -> set[tuple[str, int]]:
 def _decode(local: str, family: int) -> tuple[str, int]:
     address_hex, port_hex = local.split(":")
     raw = bytes.fromhex(address_hex)
-    # The kernel prints each 32-bit word in host byte order.
-    words = struct.unpack(f"<{len(raw) // 4}I", raw)
+    # The kernel prints each 32-bit word of the address as a number in host
+    # byte order, so the words are read back in native order ("=").
+    words = struct.unpack(f"={len(raw) // 4}I", raw)
     packed = struct.pack(f">{len(words)}I", *words)
     return str(ipaddress.ip_address(packed)), int(port_hex, 16)
 

@@ -55,6 +55,8 @@ class DesiredState:
     run_control: bool = False
     # Hash of the worker list(s) the running control process was started with.
     control_lists_sha256: str = ""
+    # Serial numbers (hex) of revoked certificates, refused by the API.
+    revoked_serials: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -86,12 +88,20 @@ class Reconciler:
         self.desired_path = config.state_dir / "desired.json"
         self.config_path = config.node_config_dir / "config.yml"
         self.desired = self._load_desired()
+        self._revoked = frozenset(self.desired.revoked_serials)
 
     # -- entry points ----------------------------------------------------------
 
+    @property
+    def revoked(self) -> frozenset[str]:
+        return self._revoked
+
     def apply(self, config_yaml: bytes, config_sha256: str, config_generation: int, generation: str,
-              cores: list[int], run_control: bool, hold_control: bool) -> ApplyResult:
+              cores: list[int], run_control: bool, hold_control: bool,
+              revoked_serials: list[str] | None = None) -> ApplyResult:
         plan = self._plan(config_yaml, config_sha256, generation, cores, run_control)
+        if revoked_serials is not None:
+            self._set_revoked(revoked_serials)
         result = ApplyResult()
         result.config_changed = self._write_config(plan)
         self._converge_workers(plan, result)
@@ -114,7 +124,7 @@ class Reconciler:
         stopped += self.supervisor.stop([CONTROL]) if CONTROL in cores else []
         self.desired = DesiredState(
             config_sha256=self.desired.config_sha256, config_generation=self.desired.config_generation,
-            node_generation=self.desired.node_generation,
+            node_generation=self.desired.node_generation, revoked_serials=self.desired.revoked_serials,
         )
         self._save_desired()
         return sorted(stopped)
@@ -251,6 +261,14 @@ class Reconciler:
         self.supervisor.start(plan.specs[CONTROL])
         self.desired.control_lists_sha256 = plan.lists_sha256
         result.control = "restarted" if alive else "started"
+
+    def _set_revoked(self, serials: list[str]) -> None:
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        if len(serials) > 100_000 or not all(0 < len(s) <= 64 and all(c in "0123456789abcdef" for c in s)
+                                              for s in serials):
+            raise RequestError(invalid, "revoked_serials must be lower-case hex serial numbers")
+        self.desired.revoked_serials = sorted(set(serials))
+        self._revoked = frozenset(serials)
 
     # -- persistence -----------------------------------------------------------------
 

@@ -84,7 +84,7 @@ class AgentService(pb_grpc.AgentServicer):
             result = self.reconciler.apply(
                 bytes(request.config_yaml), request.config_sha256, request.config_generation,
                 generation_name(request.node_generation), list(request.cores), request.run_control,
-                request.hold_control,
+                request.hold_control, list(request.revoked_serials),
             )
         except RequestError as err:
             log.warning("apply rejected: %s (from %s)", err.message, context.peer())
@@ -186,9 +186,14 @@ def build_server(config: AgentConfig) -> Agent:
     if pem.identity.role != "agent" or pem.identity.cluster != config.cluster:
         raise TLSError(f"{config.tls.cert}: certificate is for {pem.identity.uri}, not an agent of cluster"
                        f" {config.cluster}; use the bundle written by quil-coord host add")
+    reconciler_ref: list[Reconciler] = []
+
+    def revoked() -> frozenset[str]:
+        return reconciler_ref[0].revoked if reconciler_ref else frozenset()
+
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rpc"),
-        interceptors=[tls.AuthorizationInterceptor(config.cluster, POLICY)],
+        interceptors=[tls.AuthorizationInterceptor(config.cluster, POLICY, revoked=revoked)],
         options=[
             ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
             ("grpc.max_send_message_length", MAX_SEND_BYTES),
@@ -218,6 +223,7 @@ def build_server(config: AgentConfig) -> Agent:
     supervisor = Supervisor(table, policy, instance_id=f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
     supervisor.begin()
     reconciler = Reconciler(config, supervisor)
+    reconciler_ref.append(reconciler)
     with reconciler.lock:
         reconciler.restore()
 

@@ -179,10 +179,10 @@ class Supervisor:
         """
         alive = self._signal_stop(cores)
         deadline = time.monotonic() + self.policy.stop_grace_seconds
+        # The whole group must exit: a child of the node can outlive it, e.g. when it ignores SIGTERM.
+        running = _wait_groups({record.popen.pid for record in alive if record.popen is not None}, deadline)
         for record in alive:
-            record.exited.wait(max(0.0, deadline - time.monotonic()))
-        for record in alive:
-            if not record.exited.is_set():
+            if record.popen is not None and record.popen.pid in running:
                 self._kill(record)
         for record in alive:
             record.exited.wait(5.0)
@@ -260,13 +260,21 @@ class Supervisor:
         return alive
 
     def _kill(self, record: _Record) -> None:
+        """Send SIGKILL to the group of record, which the caller found still running."""
         with self._lock:
-            if record.popen is None or record.popen.returncode is not None:
+            if record.popen is None:
                 return
-            log.warning(
-                "%s (pid %d) still running %.1f s after SIGTERM (stop_grace_seconds); sending SIGKILL",
-                record.spec.label, record.popen.pid, self.policy.stop_grace_seconds,
-            )
+            if record.popen.returncode is None:
+                log.warning(
+                    "%s (pid %d) still running %.1f s after SIGTERM (stop_grace_seconds); sending SIGKILL",
+                    record.spec.label, record.popen.pid, self.policy.stop_grace_seconds,
+                )
+            else:
+                log.warning(
+                    "%s (pid %d) exited, but its process group is still running %.1f s after SIGTERM"
+                    " (stop_grace_seconds); sending SIGKILL",
+                    record.spec.label, record.popen.pid, self.policy.stop_grace_seconds,
+                )
             _signal_group(record.popen.pid, signal.SIGKILL)
 
     # -- the event loop -----------------------------------------------------
@@ -338,8 +346,9 @@ class Supervisor:
             if record.state == State.BACKOFF and record.desired:
                 if now >= record.next_start:
                     self._spawn(record, restart=True)
-                else:
-                    waits.append(record.next_start - now)
+                # Still BACKOFF: not due yet, or the spawn failed and set a new next_start.
+                if record.state == State.BACKOFF:
+                    waits.append(max(0.0, record.next_start - now))
             if record.state == State.STARTING:
                 if table is None and record.spec.listen is not None:
                     table = listeners.listening()
@@ -399,8 +408,16 @@ class Supervisor:
         """Keep path under log_max_bytes by shifting copies to path.1 .. path.N.
 
         A running process keeps its file open in append mode, so a live log is
-        copied and truncated in place instead of renamed.
+        copied and truncated in place instead of renamed. A failure such as a
+        full disk is logged, not raised, so it cannot end the loop thread or
+        block a spawn. The next check tries again.
         """
+        try:
+            self._rotate(path, truncate)
+        except OSError as err:
+            log.warning("log rotation failed: %s (%s); trying again at the next check", path, err)
+
+    def _rotate(self, path: Path, truncate: bool) -> None:
         try:
             if path.stat().st_size < self.policy.log_max_bytes:
                 return
@@ -425,7 +442,12 @@ class Supervisor:
             for r in self._records.values()
             if r.popen is not None and r.state in ALIVE_STATES
         ]
-        write_atomic(self._table_path, json.dumps(rows, indent=1).encode(), mode=0o600)
+        try:
+            write_atomic(self._table_path, json.dumps(rows, indent=1).encode(), mode=0o600)
+        except OSError as err:
+            # Raising here would end the loop thread, and with it every restart.
+            log.warning("process table write failed: %s (%s); writing again at the next process change",
+                        self._table_path, err)
         self._table_dirty = False
 
     def _wake(self) -> None:
@@ -449,15 +471,19 @@ def stop_leftovers(table_path: Path, grace: float) -> list[int]:
     except (OSError, ValueError) as err:
         log.warning("process table %s unreadable (%s); not stopping leftovers", table_path, err)
         return []
+    if not isinstance(rows, list):
+        log.warning("process table %s is not a JSON list; not stopping leftovers", table_path)
+        return []
     ours = [proc for row in rows if (proc := _match(row)) is not None]
     for proc in ours:
         log.info("stopping: leftover core=%s from an earlier run (pid %d, SIGTERM)", proc.info_core, proc.pid)
         _signal_group(proc.pid, signal.SIGTERM)
-    _, still = psutil.wait_procs(ours, timeout=grace)
-    for proc in still:
-        log.warning("leftover pid %d still running %.1f s after SIGTERM; sending SIGKILL", proc.pid, grace)
-        _signal_group(proc.pid, signal.SIGKILL)
-    psutil.wait_procs(still, timeout=5.0)
+    running = _wait_groups({proc.pid for proc in ours}, time.monotonic() + grace)
+    for proc in ours:
+        if proc.pid in running:
+            log.warning("leftover pid %d still running %.1f s after SIGTERM; sending SIGKILL", proc.pid, grace)
+            _signal_group(proc.pid, signal.SIGKILL)
+    psutil.wait_procs(ours, timeout=5.0)
     return sorted(proc.info_core for proc in ours)
 
 
@@ -472,9 +498,38 @@ def _match(row: dict) -> psutil.Process | None:
     return proc
 
 
+def _running_groups(pgids: set[int]) -> set[int]:
+    """Return the process groups in pgids that have a member which is not a zombie."""
+    if not pgids:
+        return set()
+    found = set()
+    for proc in psutil.process_iter():
+        try:
+            pgid = os.getpgid(proc.pid)
+            if pgid in pgids and proc.status() != psutil.STATUS_ZOMBIE:
+                found.add(pgid)
+        except (OSError, psutil.Error):
+            continue  # exited while the table was read
+    return found
+
+
+def _wait_groups(pgids: set[int], deadline: float) -> set[int]:
+    """Wait until no group in pgids has a running member or the monotonic deadline passes.
+
+    Returns the groups still running at the deadline.
+    """
+    running = _running_groups(pgids)
+    while running and time.monotonic() < deadline:
+        time.sleep(0.05)
+        running = _running_groups(running)
+    return running
+
+
 def _signal_group(pid: int, sig: int) -> None:
-    # The process leads its own group (process_group=0), and the agent has
-    # not reaped it yet, so the id cannot have been reused.
+    # The process leads its own group (process_group=0). Its id cannot have
+    # been reused while the agent has not reaped it yet, nor while another
+    # member of its group still runs, because Linux keeps a pid allocated
+    # while it names a process group.
     try:
         os.killpg(pid, sig)
     except ProcessLookupError:

@@ -259,6 +259,67 @@ def issue(
     logged. Raises TLSError for an unusable CA, IP address or DNS name, and
     ValueError when days is below 1 or not_before has no time zone.
     """
+    key = _new_key()
+    cert_pem = _sign(ca_key_pem, ca_cert_pem, identity, key.public_key(), ip_addresses=ip_addresses,
+                     dns_names=dns_names, days=days, not_before=not_before)
+    return _key_to_pem(key), cert_pem
+
+
+def make_csr(common_name: str) -> tuple[bytes, bytes]:
+    """Create a private key and a certificate signing request for it; return (key_pem, csr_pem).
+
+    The request carries only a common name: the CA decides every name and
+    role of the certificate itself.
+    """
+    key = _new_key()
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64] or "agent")]))
+        .sign(key, hashes.SHA256())
+    )
+    return _key_to_pem(key), csr.public_bytes(serialization.Encoding.PEM)
+
+
+def sign_csr(
+    ca_key_pem: bytes,
+    ca_cert_pem: bytes,
+    csr_pem: bytes,
+    identity: Identity,
+    *,
+    ip_addresses: Iterable[str] = (),
+    dns_names: Iterable[str] = (),
+    days: int = LEAF_DAYS,
+) -> bytes:
+    """Issue a certificate for the public key of a signing request; return cert_pem.
+
+    Only the key is taken from the request, after its self-signature is
+    checked; every name in the request is ignored. Raises TLSError for a
+    request that does not parse, is not self-signed, or holds no P-256 key.
+    """
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as err:
+        raise TLSError("certificate signing request does not parse as PEM") from err
+    if not csr.is_signature_valid:
+        raise TLSError("certificate signing request has an invalid signature")
+    public_key = csr.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != "secp256r1":
+        raise TLSError("certificate signing request must hold an ECDSA P-256 key")
+    return _sign(ca_key_pem, ca_cert_pem, identity, public_key, ip_addresses=ip_addresses, dns_names=dns_names,
+                 days=days, not_before=None)
+
+
+def _sign(
+    ca_key_pem: bytes,
+    ca_cert_pem: bytes,
+    identity: Identity,
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    ip_addresses: Iterable[str],
+    dns_names: Iterable[str],
+    days: int,
+    not_before: datetime.datetime | None,
+) -> bytes:
     _check_days(days)
     ca_key, ca_cert = _load_ca(ca_key_pem, ca_cert_pem)
     names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri)]
@@ -279,12 +340,11 @@ def issue(
             "shortened: certificate %s (ends with the CA on %s)", identity.uri, _format_time(valid_until)
         )
 
-    key = _new_key()
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.name)]))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(valid_from)
         .not_valid_after(valid_until)
@@ -295,13 +355,13 @@ def issue(
             critical=False,
         )
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
         )
         .sign(ca_key, hashes.SHA256())
     )
-    return _key_to_pem(key), cert.public_bytes(serialization.Encoding.PEM)
+    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def _leaf_key_usage() -> x509.KeyUsage:
@@ -520,3 +580,8 @@ def write_public(path: str | os.PathLike[str], data: bytes) -> None:
     Raises OSError when the directory is not writable.
     """
     write_atomic(Path(path), data, mode=0o644)
+
+
+def serial_hex(cert_pem: bytes) -> str:
+    """Return the certificate's serial number as lower-case hex, the form revocation lists use."""
+    return format(_load_cert(cert_pem, "certificate").serial_number, "x")

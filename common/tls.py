@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Set as AbstractSet
 from typing import Any, NamedTuple
 
 import grpc
 
 from .errors import TLSError
-from .pki import ROLES, Identity, identity_from_cert_pem
+from .pki import ROLES, Identity, identity_from_cert_pem, serial_hex
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -28,6 +28,7 @@ __all__ = [
     "channel_credentials",
     "secure_channel",
     "peer_identity",
+    "peer_serial",
     "AuthorizationInterceptor",
 ]
 
@@ -101,6 +102,17 @@ def peer_identity(context: grpc.ServicerContext) -> Identity | None:
         return None
 
 
+def peer_serial(context: grpc.ServicerContext) -> str | None:
+    """Return the serial number (lower-case hex) of the call's client certificate, or None."""
+    pems = context.auth_context().get("x509_pem_cert")
+    if not pems:
+        return None
+    try:
+        return serial_hex(pems[0])
+    except TLSError:
+        return None
+
+
 class _Denial(NamedTuple):
     """The status code and message a denied call is aborted with."""
 
@@ -124,8 +136,10 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):
         policy: Mapping[str, frozenset[str]],
         *,
         clock: Callable[[], float] = time.monotonic,
+        revoked: Callable[[], AbstractSet[str]] | None = None,
     ) -> None:
         _check_policy(policy)
+        self._revoked = revoked
         self._cluster = cluster
         self._policy = dict(policy)
         self._clock = clock
@@ -195,7 +209,7 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):
     def _authorize(self, context: grpc.ServicerContext, method: str) -> None:
         """Abort the call unless the peer's identity may call method."""
         identity = peer_identity(context)
-        denial = self._check(identity, method)
+        denial = self._check_revoked(context) or self._check(identity, method)
         if denial is not None:
             self._log_denial(context, identity, method, denial)
             # abort raises, so the real handler never runs.
@@ -215,6 +229,15 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):
             short_name = method.rsplit("/", 1)[-1]
             message = f"role '{identity.role}' may not call {short_name}"
             return _Denial(grpc.StatusCode.PERMISSION_DENIED, message)
+        return None
+
+    def _check_revoked(self, context: grpc.ServicerContext) -> _Denial | None:
+        """Return a denial when the client certificate's serial is on the revocation list."""
+        if self._revoked is None:
+            return None
+        serial = peer_serial(context)
+        if serial is not None and serial in self._revoked():
+            return _Denial(grpc.StatusCode.UNAUTHENTICATED, f"client certificate {serial} has been revoked")
         return None
 
     def _log_denial(

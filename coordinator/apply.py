@@ -10,12 +10,17 @@ A second run right after a successful one changes and restarts nothing.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import grpc
 
+from ..common.errors import InventoryError
 from ..common.exitcodes import ExitCode
 from ..proto import agent_pb2 as pb
 from .client import APPLY_TIMEOUT, CALL_TIMEOUT, CallError, Credentials, apply_request, call_error, for_each_host
@@ -62,12 +67,41 @@ class ApplyReport:
         return max(codes) if codes else ExitCode.OK
 
 
-def apply(home: Home) -> ApplyReport:
+@contextlib.contextmanager
+def apply_lock(home: Home, wait: bool) -> Iterator[None]:
+    """Hold the cluster's apply lock; without wait, fail at once naming the holder."""
+    home.require()
+    with open(home.file("apply.lock"), "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown process"
+            raise InventoryError(f"another apply is running ({holder}); wait for it, or pass --wait") from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+            handle.flush()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def apply(home: Home, wait: bool = False) -> ApplyReport:
+    """Run one apply while holding the apply lock (see the module docstring for the steps)."""
+    with apply_lock(home, wait):
+        return _apply(home)
+
+
+def _apply(home: Home) -> ApplyReport:
     started = time.monotonic()
     with home.locked():
         settings = home.load_settings()
         hosts = home.load_hosts()
         assignment = check_assignment_current(home, home.load_assignment(), hosts)
+        revoked = home.load_revoked()
     # 1. render
     text = render(settings, assignment.slots)
     cores = {h.name: sorted(s.core for s in assignment.slots if s.host == h.name) for h in hosts}
@@ -75,7 +109,7 @@ def apply(home: Home) -> ApplyReport:
 
     def request(host: Host, hold: bool) -> pb.ApplyRequest:
         return apply_request(text, settings.node_generation, assignment.config_generation, cores[host.name],
-                             host.control, hold)
+                             host.control, hold, revoked)
 
     # 2. phase one
     results = for_each_host(hosts, lambda h: _call_apply(credentials, h, request(h, hold=True)))

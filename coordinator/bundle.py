@@ -30,8 +30,11 @@ def issue_agent_cert(home: Home, cluster: str, host: Host) -> tuple[bytes, bytes
 
 
 def write_bundle(home: Home, cluster: str, host: Host, directory: Path, *, node_binary: str | None,
-                 node_config_dir: str | None, state_dir: str | None) -> Path:
-    """Write the bundle into directory (created 0700); refuses to overwrite an existing key."""
+                 node_config_dir: str | None, state_dir: str | None) -> tuple[Path, str]:
+    """Write the bundle into directory (created 0700); return agent.yaml's path and the certificate serial.
+
+    Raises StateError rather than overwrite an existing key.
+    """
     directory = Path(directory)
     if (directory / "agent.key").exists():
         raise StateError(f"{directory}/agent.key already exists; choose an empty --bundle directory")
@@ -50,4 +53,4 @@ def write_bundle(home: Home, cluster: str, host: Host, directory: Path, *, node_
         "tls": {"cert": "agent.crt", "key": "agent.key", "ca": "ca.crt"},
     }
     pki.write_public(directory / "agent.yaml", dump(config))
-    return directory / "agent.yaml"
+    return directory / "agent.yaml", pki.serial_hex(cert)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from ..common import logsetup
+from ..common import logsetup, pki
 from ..common.errors import (ConfigError, HostError, InventoryError, QuilClusterError, StateError,
                              TLSError)
 from ..common.exitcodes import ExitCode
@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="per-host: each host counts ports from the base; global: core N gets base+N-1")
     init.add_argument("--base-port", type=int, help="first worker port (1.4/2.0: 40000; 2.1 P2P: 25000)")
     init.add_argument("--stream-base-port", type=int, help="2.1 only: first worker stream port (32500)")
+    init.add_argument("--local", action="store_true",
+                      help="all hosts on this machine: allow loopback worker addresses when hosts join")
+    init.add_argument("--no-auto-apply", dest="auto_apply", action="store_false",
+                      help="do not assign and apply when a host joins; run them by hand")
 
     _add_host_parsers(sub)
 
@@ -59,9 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     apply = sub.add_parser("apply", help="push the config and drive every agent to the recorded assignment")
     apply.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    apply.add_argument("--wait", action="store_true", help="wait for a running apply to finish instead of failing")
 
     status = sub.add_parser("status", help="show every host's processes")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    _add_token_parsers(sub)
+
+    serve = sub.add_parser("serve", help="run the enrollment endpoint that quil-agent join talks to")
+    serve.add_argument("--listen", default="0.0.0.0:7351", help="HOST:PORT to listen on (default 0.0.0.0:7351)")
+    serve.add_argument("--advertise", help="HOST:PORT joining hosts dial (default: --listen; required when "
+                       "--listen is a wildcard)")
 
     demo = sub.add_parser("demo", help="run a local demo cluster on 127.0.0.2-127.0.0.4 with the stand-in node")
     demo.add_argument("--dir", type=Path, help="directory for the demo's files (default: a temporary one)")
@@ -84,14 +96,29 @@ def _add_host_parsers(sub: argparse._SubParsersAction) -> None:
 
     lst = host.add_parser("list", help="list the hosts")
     lst.add_argument("--json", action="store_true")
-    remove = host.add_parser("remove", help="remove a host (run assign and apply afterwards)")
+    remove = host.add_parser("remove", help="stop a host's workers, revoke its certificate, then assign and apply")
     remove.add_argument("name")
+    remove.add_argument("--no-apply", action="store_true", help="only remove from the inventory and revoke")
     change = host.add_parser("set", help="change a host (run assign and apply afterwards)")
     change.add_argument("name")
     change.add_argument("--address")
     change.add_argument("--agent")
     change.add_argument("--control", action=argparse.BooleanOptionalAction, default=None)
     _add_count_options(change)
+
+
+def _add_token_parsers(sub: argparse._SubParsersAction) -> None:
+    token = sub.add_parser("token", help="join tokens for new hosts").add_subparsers(dest="token_command",
+                                                                                      required=True)
+    create = token.add_parser("create", help="create a join token and print the join command")
+    create.add_argument("--ttl", default="30m", help="lifetime: 90s, 30m, 2h or 1d (default 30m, at most 7d)")
+    create.add_argument("--uses", type=int, default=1, help="number of hosts that may join with it (default 1)")
+    create.add_argument("--workers", type=int, help="worker count of the joining host (default: its CPUs)")
+    create.add_argument("--host-name", help="name of the joining host (default: host-TOKENID)")
+    lst = token.add_parser("list", help="list tokens (never their secrets)")
+    lst.add_argument("--json", action="store_true")
+    revoke = token.add_parser("revoke", help="revoke a token by its id")
+    revoke.add_argument("token_id")
 
 
 def _add_count_options(parser: argparse.ArgumentParser) -> None:
@@ -121,7 +148,8 @@ def _home(args: argparse.Namespace) -> Home:
 def cmd_init(args: argparse.Namespace) -> int:
     settings = cluster.init(_home(args), args.control_config, name=args.name, generation=args.generation,
                             port_scheme=args.port_scheme, base_port=args.base_port,
-                            stream_base_port=args.stream_base_port)
+                            stream_base_port=args.stream_base_port, local=args.local,
+                            auto_apply=args.auto_apply)
     print(f"initialized cluster {settings.name}: node generation {settings.node_generation}, "
           f"port scheme {settings.port_scheme}, base port {settings.base_port}")
     return ExitCode.OK
@@ -140,13 +168,73 @@ def cmd_host(args: argparse.Namespace) -> int:
         rows = [h.to_dict() for h in home.load_hosts()]
         print(json.dumps({"hosts": rows}, indent=2) if args.json else output.host_table(rows))
     elif args.host_command == "remove":
-        cluster.remove_host(home, args.name)
-        print(f"removed host {args.name}; run quil-coord assign, then quil-coord apply")
+        return _remove_host(home, args)
     else:
         changes = dict(address=args.address, agent=args.agent, control=args.control, workers=args.workers,
                        reserve=args.reserve, cpus=args.cpus)
         cluster.set_host(home, args.name, **changes)
         print(f"updated host {args.name}; run quil-coord assign, then quil-coord apply")
+    return ExitCode.OK
+
+
+def _remove_host(home: Home, args: argparse.Namespace) -> int:
+    from .apply import apply
+    from .membership import stop_host_processes
+
+    stopped = stop_host_processes(home, args.name)
+    cluster.remove_host(home, args.name)
+    print(f"removed host {args.name} ({stopped}); its certificate is revoked")
+    if args.no_apply:
+        print("run quil-coord assign, then quil-coord apply")
+        return ExitCode.OK
+    if not home.load_hosts():
+        return ExitCode.OK
+    code = cmd_assign(argparse.Namespace(home=args.home, json=False, dry_run=False))
+    report = apply(home)
+    print(output.apply_lines(report))
+    return max(code, report.exit_code)
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from . import tokens
+    from .enroll import advertised_address
+
+    home = _home(args)
+    home.require()
+    if args.token_command == "create":
+        text, record = tokens.create(home, ttl_seconds=tokens.parse_duration(args.ttl), uses=args.uses,
+                                     workers=args.workers, host_name=args.host_name)
+        address = advertised_address(home) or "COORDINATOR:7351"
+        ca_hash = pki.spki_sha256(home.file("ca.crt").read_bytes())
+        print(f"token {record.id} expires {output.timestamp(record.expires)}, {record.uses_total} use(s). "
+              "On the new host run:")
+        print(f"quil-agent join {address} --token {text} --ca-hash {ca_hash}")
+    elif args.token_command == "list":
+        rows = tokens.list_tokens(home)
+        print(output.tokens_json(rows) if args.json else output.token_table(rows))
+    else:
+        record = tokens.revoke(home, args.token_id)
+        print(f"revoked token {record.id}")
+    return ExitCode.OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .enroll import build_server
+
+    home = _home(args)
+    logsetup.configure(logging.DEBUG if args.debug else logging.INFO)
+    advertise = args.advertise or args.listen
+    if advertise.split(":")[0] in ("0.0.0.0", "[::]", ""):
+        raise InventoryError("--listen is a wildcard address; pass --advertise HOST:PORT that joining hosts dial")
+    server = build_server(home, args.listen, advertise)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    server.stop()
     return ExitCode.OK
 
 
@@ -169,7 +257,7 @@ def cmd_assign(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     from .apply import apply
 
-    report = apply(_home(args))
+    report = apply(_home(args), wait=args.wait)
     print(output.apply_json(report) if args.json else output.apply_lines(report))
     return report.exit_code
 
@@ -191,5 +279,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[Any], int]] = {
     "init": cmd_init, "host": cmd_host, "assign": cmd_assign, "apply": cmd_apply, "status": cmd_status,
-    "demo": cmd_demo,
+    "demo": cmd_demo, "token": cmd_token, "serve": cmd_serve,
 }

@@ -81,10 +81,10 @@ def for_each_host(hosts: Iterable[Host], work: Callable[[Host], T]) -> dict[str,
 
 
 def apply_request(config_text: str, generation: str, config_generation: int, cores: list[int],
-                  run_control: bool, hold_control: bool) -> pb.ApplyRequest:
+                  run_control: bool, hold_control: bool, revoked: list[str]) -> pb.ApplyRequest:
     data = config_text.encode("utf-8")
     return pb.ApplyRequest(
         config_yaml=data, config_sha256=hashlib.sha256(data).hexdigest(), config_generation=config_generation,
         node_generation=GENERATION_ENUM[generation], cores=cores, run_control=run_control,
-        hold_control=hold_control,
+        hold_control=hold_control, revoked_serials=revoked,
     )

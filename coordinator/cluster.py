@@ -32,13 +32,15 @@ def detect_generation(config: nodeconfig.NodeConfig) -> str:
 
 
 def init(home: Home, control_config: Path, *, name: str, generation: str | None, port_scheme: str,
-         base_port: int | None, stream_base_port: int | None) -> Settings:
+         base_port: int | None, stream_base_port: int | None, local: bool = False,
+         auto_apply: bool = True) -> Settings:
     """Create the state directory: settings, cluster CA and the coordinator's certificate."""
     if home.file("cluster.yaml").exists():
         raise StateError(f"{home.path} is already initialized; use another --home for a new cluster")
     inventory.check_name(name)
     settings = Settings(name=name, node_generation=generation or "1.4",
-                        control_config=str(Path(control_config).resolve()), port_scheme=port_scheme)
+                        control_config=str(Path(control_config).resolve()), port_scheme=port_scheme,
+                        local=local, auto_apply=auto_apply)
     config = read_control_config(settings)
     settings.node_generation = generation or detect_generation(config)
     settings.base_port = base_port or DEFAULT_BASE_PORT[settings.node_generation]
@@ -53,6 +55,7 @@ def init(home: Home, control_config: Path, *, name: str, generation: str | None,
         pki.write_public(home.file("coordinator.crt"), cert)
         home.save_settings(settings)
         home.save_hosts([])
+        home.file("apply.lock").touch(mode=0o600)
     return settings
 
 
@@ -64,16 +67,19 @@ def add_host(home: Home, host: Host, bundle: Path, *, node_binary: str | None, n
         settings = home.load_settings()
         hosts = home.load_hosts()
         inventory.check_unique(hosts + [host])
-        path = write_bundle(home, settings.name, host, bundle, node_binary=node_binary,
-                            node_config_dir=node_config_dir, state_dir=state_dir)
+        path, host.serial = write_bundle(home, settings.name, host, bundle, node_binary=node_binary,
+                                         node_config_dir=node_config_dir, state_dir=state_dir)
         home.save_hosts(hosts + [host])
     return path
 
 
 def remove_host(home: Home, name: str) -> None:
+    """Remove a host from the inventory and revoke its agent certificate."""
     with home.locked():
         hosts = home.load_hosts()
-        _find(hosts, name)
+        host = _find(hosts, name)
+        if host.serial:
+            home.revoke(host.serial)
         home.save_hosts([h for h in hosts if h.name != name])
 
 

@@ -5,7 +5,12 @@
   assignment.json   the recorded core assignment and its config generation
   ca.key, ca.crt    the cluster CA (key mode 0600)
   coordinator.key, coordinator.crt   the coordinator's client certificate
+  tokens.json       join tokens, stored as hashes
+  revoked.json      serial numbers of revoked certificates
+  audit.log         one JSON line per join attempt
+  serve.json        address and pid of the running enrollment endpoint
   lock              held (flock) while a command changes any of the above
+  apply.lock        held (flock) for the whole of an apply
 
 Every file is replaced atomically and the previous version kept as .bak.
 """
@@ -43,6 +48,12 @@ class Settings:
     base_port: int = 40000
     # 2.1 only: stream port base.
     stream_base_port: int = DEFAULT_STREAM_BASE_PORT
+    # Allow loopback worker addresses (a cluster on one machine, such as the demo).
+    local: bool = False
+    # Assign and apply as soon as a joined host's agent answers.
+    auto_apply: bool = True
+    # Lifetime of agent certificates issued at join, in days.
+    agent_cert_days: int = 365
 
     def ports(self) -> Ports:
         stream = self.stream_base_port if self.node_generation == "2.1" else 0
@@ -53,6 +64,8 @@ class Settings:
             raise ConfigError(f"{source}: node_generation '{self.node_generation}' is not 1.4, 2.0 or 2.1")
         if self.port_scheme not in PORT_SCHEMES:
             raise ConfigError(f"{source}: port_scheme '{self.port_scheme}' is not per-host or global")
+        if not isinstance(self.agent_cert_days, int) or not 1 <= self.agent_cert_days <= 3650:
+            raise ConfigError(f"{source}: agent_cert_days {self.agent_cert_days!r} is not a number of days from 1 to 3650")
         for key in ("base_port", "stream_base_port"):
             value = getattr(self, key)
             if not isinstance(value, int) or not 1 <= value <= 65535:
@@ -125,6 +138,26 @@ class Home:
 
     def save_hosts(self, hosts: list[Host]) -> None:
         write_atomic(self.file("hosts.yaml"), dump({"hosts": [h.to_dict() for h in hosts]}), mode=0o600, backup=True)
+
+    # -- revocation -------------------------------------------------------------
+
+    def load_revoked(self) -> list[str]:
+        path = self.file("revoked.json")
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as err:
+            raise StateError(f"{path}: unreadable revocation list ({err}); restore {path}.bak") from err
+        if not isinstance(data, list) or not all(isinstance(v, str) for v in data):
+            raise StateError(f"{path}: expected a list of serial numbers; restore {path}.bak")
+        return data
+
+    def revoke(self, serial: str) -> None:
+        """Add serial to the revocation list; the caller holds the state lock."""
+        revoked = self.load_revoked()
+        if serial not in revoked:
+            write_atomic(self.file("revoked.json"), json.dumps(revoked + [serial]).encode(), mode=0o600, backup=True)
 
     # -- assignment ------------------------------------------------------------
 

@@ -28,6 +28,8 @@ class Host:
     reserve: int | None = None
     # Logical CPUs; None: ask the agent.
     cpus: int | None = None
+    # Serial number (hex) of the agent certificate issued to the host, revoked when it is removed.
+    serial: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

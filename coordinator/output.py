@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict
 from typing import Iterable, Sequence
 
@@ -117,3 +118,30 @@ def _uptime(seconds: float) -> str:
 
 def _cores(cores: list[int]) -> str:
     return ",".join(str(c) for c in cores)
+
+
+def timestamp(unix_seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(unix_seconds))
+
+
+def _token_state(record) -> str:
+    if record.revoked:
+        return "revoked"
+    if record.uses_left <= 0:
+        return "used"
+    if record.expires <= time.time():
+        return "expired"
+    return "valid"
+
+
+def token_table(records: list) -> str:
+    return table(
+        ("ID", "STATE", "EXPIRES", "USES LEFT", "WORKERS", "HOST NAME"),
+        ((r.id, _token_state(r), timestamp(r.expires), f"{r.uses_left}/{r.uses_total}", r.workers, r.host_name)
+         for r in records),
+    )
+
+
+def tokens_json(records: list) -> str:
+    rows = [{k: v for k, v in asdict(r).items() if k != "hash"} | {"state": _token_state(r)} for r in records]
+    return json.dumps({"tokens": rows}, indent=2)

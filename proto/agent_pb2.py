@@ -24,39 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61gent.proto\x12\x15quil_cluster.agent.v1\"\x15\n\x13GetHostFactsRequest\"\xde\x01\n\tHostFacts\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x14\n\x0clogical_cpus\x18\x02 \x01(\r\x12\x15\n\rphysical_cpus\x18\x03 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x15\n\ragent_version\x18\x05 \x01(\t\x12\x18\n\x10node_binary_path\x18\x06 \x01(\t\x12\x1a\n\x12node_binary_sha256\x18\x07 \x01(\t\x12\x16\n\x0eworker_address\x18\x08 \x01(\t\x12\x17\n\x0fnode_config_dir\x18\t \x01(\t\"\xcf\x01\n\x0c\x41pplyRequest\x12\x13\n\x0b\x63onfig_yaml\x18\x01 \x01(\x0c\x12\x15\n\rconfig_sha256\x18\x02 \x01(\t\x12\x19\n\x11\x63onfig_generation\x18\x03 \x01(\x04\x12>\n\x0fnode_generation\x18\x04 \x01(\x0e\x32%.quil_cluster.agent.v1.NodeGeneration\x12\r\n\x05\x63ores\x18\x05 \x03(\r\x12\x13\n\x0brun_control\x18\x06 \x01(\x08\x12\x14\n\x0chold_control\x18\x07 \x01(\x08\"\xa4\x01\n\rApplyResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\x12\x16\n\x0e\x63onfig_changed\x18\x02 \x01(\x08\x12\x0f\n\x07started\x18\x03 \x03(\r\x12\x0f\n\x07stopped\x18\x04 \x03(\r\x12\x11\n\trestarted\x18\x05 \x03(\r\x12\x35\n\x07\x63ontrol\x18\x06 \x01(\x0e\x32$.quil_cluster.agent.v1.ControlAction\"\x10\n\x0eStopAllRequest\"\"\n\x0fStopAllResponse\x12\x0f\n\x07stopped\x18\x01 \x03(\r\"\x12\n\x10GetStatusRequest\"\x98\x02\n\rProcessStatus\x12\x0c\n\x04\x63ore\x18\x01 \x01(\r\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x32\n\x05state\x18\x03 \x01(\x0e\x32#.quil_cluster.agent.v1.ProcessState\x12\x12\n\nstart_time\x18\x04 \x01(\x01\x12\x10\n\x08restarts\x18\x05 \x01(\r\x12\x15\n\rhas_last_exit\x18\x06 \x01(\x08\x12\x18\n\x10last_exit_status\x18\x07 \x01(\x05\x12\x13\n\x0b\x63pu_percent\x18\x08 \x01(\x01\x12\x11\n\trss_bytes\x18\t \x01(\x04\x12\x16\n\x0elisten_address\x18\n \x01(\t\x12\x11\n\tlistening\x18\x0b \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x0c \x01(\t\"\x8d\x01\n\x0eStatusResponse\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x19\n\x11\x63onfig_generation\x18\x02 \x01(\x04\x12\x15\n\rconfig_sha256\x18\x03 \x01(\t\x12\x37\n\tprocesses\x18\x04 \x03(\x0b\x32$.quil_cluster.agent.v1.ProcessStatus\".\n\x12WatchStatusRequest\x12\x18\n\x10interval_seconds\x18\x01 \x01(\x01*|\n\x0eNodeGeneration\x12\x1f\n\x1bNODE_GENERATION_UNSPECIFIED\x10\x00\x12\x17\n\x13NODE_GENERATION_1_4\x10\x01\x12\x17\n\x13NODE_GENERATION_2_0\x10\x02\x12\x17\n\x13NODE_GENERATION_2_1\x10\x03*\xe9\x01\n\x0cProcessState\x12\x1d\n\x19PROCESS_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15PROCESS_STATE_STOPPED\x10\x01\x12\x1a\n\x16PROCESS_STATE_STARTING\x10\x02\x12\x19\n\x15PROCESS_STATE_RUNNING\x10\x03\x12\x19\n\x15PROCESS_STATE_BACKOFF\x10\x04\x12\x1a\n\x16PROCESS_STATE_STOPPING\x10\x05\x12\x18\n\x14PROCESS_STATE_EXITED\x10\x06\x12\x17\n\x13PROCESS_STATE_FATAL\x10\x07*\x97\x01\n\rControlAction\x12\x17\n\x13\x43ONTROL_ACTION_NONE\x10\x00\x12\x1a\n\x16\x43ONTROL_ACTION_STARTED\x10\x01\x12\x1c\n\x18\x43ONTROL_ACTION_RESTARTED\x10\x02\x12\x1a\n\x16\x43ONTROL_ACTION_STOPPED\x10\x03\x12\x17\n\x13\x43ONTROL_ACTION_HELD\x10\x04\x32\xd3\x03\n\x05\x41gent\x12\\\n\x0cGetHostFacts\x12*.quil_cluster.agent.v1.GetHostFactsRequest\x1a .quil_cluster.agent.v1.HostFacts\x12R\n\x05\x41pply\x12#.quil_cluster.agent.v1.ApplyRequest\x1a$.quil_cluster.agent.v1.ApplyResponse\x12X\n\x07StopAll\x12%.quil_cluster.agent.v1.StopAllRequest\x1a&.quil_cluster.agent.v1.StopAllResponse\x12[\n\tGetStatus\x12\'.quil_cluster.agent.v1.GetStatusRequest\x1a%.quil_cluster.agent.v1.StatusResponse\x12\x61\n\x0bWatchStatus\x12).quil_cluster.agent.v1.WatchStatusRequest\x1a%.quil_cluster.agent.v1.StatusResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61gent.proto\x12\x15quil_cluster.agent.v1\"\x15\n\x13GetHostFactsRequest\"\xde\x01\n\tHostFacts\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x14\n\x0clogical_cpus\x18\x02 \x01(\r\x12\x15\n\rphysical_cpus\x18\x03 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x15\n\ragent_version\x18\x05 \x01(\t\x12\x18\n\x10node_binary_path\x18\x06 \x01(\t\x12\x1a\n\x12node_binary_sha256\x18\x07 \x01(\t\x12\x16\n\x0eworker_address\x18\x08 \x01(\t\x12\x17\n\x0fnode_config_dir\x18\t \x01(\t\"\xe8\x01\n\x0c\x41pplyRequest\x12\x13\n\x0b\x63onfig_yaml\x18\x01 \x01(\x0c\x12\x15\n\rconfig_sha256\x18\x02 \x01(\t\x12\x19\n\x11\x63onfig_generation\x18\x03 \x01(\x04\x12>\n\x0fnode_generation\x18\x04 \x01(\x0e\x32%.quil_cluster.agent.v1.NodeGeneration\x12\r\n\x05\x63ores\x18\x05 \x03(\r\x12\x13\n\x0brun_control\x18\x06 \x01(\x08\x12\x14\n\x0chold_control\x18\x07 \x01(\x08\x12\x17\n\x0frevoked_serials\x18\x08 \x03(\t\"\xa4\x01\n\rApplyResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\x12\x16\n\x0e\x63onfig_changed\x18\x02 \x01(\x08\x12\x0f\n\x07started\x18\x03 \x03(\r\x12\x0f\n\x07stopped\x18\x04 \x03(\r\x12\x11\n\trestarted\x18\x05 \x03(\r\x12\x35\n\x07\x63ontrol\x18\x06 \x01(\x0e\x32$.quil_cluster.agent.v1.ControlAction\"\x10\n\x0eStopAllRequest\"\"\n\x0fStopAllResponse\x12\x0f\n\x07stopped\x18\x01 \x03(\r\"\x12\n\x10GetStatusRequest\"\x98\x02\n\rProcessStatus\x12\x0c\n\x04\x63ore\x18\x01 \x01(\r\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x32\n\x05state\x18\x03 \x01(\x0e\x32#.quil_cluster.agent.v1.ProcessState\x12\x12\n\nstart_time\x18\x04 \x01(\x01\x12\x10\n\x08restarts\x18\x05 \x01(\r\x12\x15\n\rhas_last_exit\x18\x06 \x01(\x08\x12\x18\n\x10last_exit_status\x18\x07 \x01(\x05\x12\x13\n\x0b\x63pu_percent\x18\x08 \x01(\x01\x12\x11\n\trss_bytes\x18\t \x01(\x04\x12\x16\n\x0elisten_address\x18\n \x01(\t\x12\x11\n\tlistening\x18\x0b \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x0c \x01(\t\"\x8d\x01\n\x0eStatusResponse\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x19\n\x11\x63onfig_generation\x18\x02 \x01(\x04\x12\x15\n\rconfig_sha256\x18\x03 \x01(\t\x12\x37\n\tprocesses\x18\x04 \x03(\x0b\x32$.quil_cluster.agent.v1.ProcessStatus\".\n\x12WatchStatusRequest\x12\x18\n\x10interval_seconds\x18\x01 \x01(\x01*|\n\x0eNodeGeneration\x12\x1f\n\x1bNODE_GENERATION_UNSPECIFIED\x10\x00\x12\x17\n\x13NODE_GENERATION_1_4\x10\x01\x12\x17\n\x13NODE_GENERATION_2_0\x10\x02\x12\x17\n\x13NODE_GENERATION_2_1\x10\x03*\xe9\x01\n\x0cProcessState\x12\x1d\n\x19PROCESS_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15PROCESS_STATE_STOPPED\x10\x01\x12\x1a\n\x16PROCESS_STATE_STARTING\x10\x02\x12\x19\n\x15PROCESS_STATE_RUNNING\x10\x03\x12\x19\n\x15PROCESS_STATE_BACKOFF\x10\x04\x12\x1a\n\x16PROCESS_STATE_STOPPING\x10\x05\x12\x18\n\x14PROCESS_STATE_EXITED\x10\x06\x12\x17\n\x13PROCESS_STATE_FATAL\x10\x07*\x97\x01\n\rControlAction\x12\x17\n\x13\x43ONTROL_ACTION_NONE\x10\x00\x12\x1a\n\x16\x43ONTROL_ACTION_STARTED\x10\x01\x12\x1c\n\x18\x43ONTROL_ACTION_RESTARTED\x10\x02\x12\x1a\n\x16\x43ONTROL_ACTION_STOPPED\x10\x03\x12\x17\n\x13\x43ONTROL_ACTION_HELD\x10\x04\x32\xd3\x03\n\x05\x41gent\x12\\\n\x0cGetHostFacts\x12*.quil_cluster.agent.v1.GetHostFactsRequest\x1a .quil_cluster.agent.v1.HostFacts\x12R\n\x05\x41pply\x12#.quil_cluster.agent.v1.ApplyRequest\x1a$.quil_cluster.agent.v1.ApplyResponse\x12X\n\x07StopAll\x12%.quil_cluster.agent.v1.StopAllRequest\x1a&.quil_cluster.agent.v1.StopAllResponse\x12[\n\tGetStatus\x12\'.quil_cluster.agent.v1.GetStatusRequest\x1a%.quil_cluster.agent.v1.StatusResponse\x12\x61\n\x0bWatchStatus\x12).quil_cluster.agent.v1.WatchStatusRequest\x1a%.quil_cluster.agent.v1.StatusResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NODEGENERATION']._serialized_start=1212
-  _globals['_NODEGENERATION']._serialized_end=1336
-  _globals['_PROCESSSTATE']._serialized_start=1339
-  _globals['_PROCESSSTATE']._serialized_end=1572
-  _globals['_CONTROLACTION']._serialized_start=1575
-  _globals['_CONTROLACTION']._serialized_end=1726
+  _globals['_NODEGENERATION']._serialized_start=1237
+  _globals['_NODEGENERATION']._serialized_end=1361
+  _globals['_PROCESSSTATE']._serialized_start=1364
+  _globals['_PROCESSSTATE']._serialized_end=1597
+  _globals['_CONTROLACTION']._serialized_start=1600
+  _globals['_CONTROLACTION']._serialized_end=1751
   _globals['_GETHOSTFACTSREQUEST']._serialized_start=38
   _globals['_GETHOSTFACTSREQUEST']._serialized_end=59
   _globals['_HOSTFACTS']._serialized_start=62
   _globals['_HOSTFACTS']._serialized_end=284
   _globals['_APPLYREQUEST']._serialized_start=287
-  _globals['_APPLYREQUEST']._serialized_end=494
-  _globals['_APPLYRESPONSE']._serialized_start=497
-  _globals['_APPLYRESPONSE']._serialized_end=661
-  _globals['_STOPALLREQUEST']._serialized_start=663
-  _globals['_STOPALLREQUEST']._serialized_end=679
-  _globals['_STOPALLRESPONSE']._serialized_start=681
-  _globals['_STOPALLRESPONSE']._serialized_end=715
-  _globals['_GETSTATUSREQUEST']._serialized_start=717
-  _globals['_GETSTATUSREQUEST']._serialized_end=735
-  _globals['_PROCESSSTATUS']._serialized_start=738
-  _globals['_PROCESSSTATUS']._serialized_end=1018
-  _globals['_STATUSRESPONSE']._serialized_start=1021
-  _globals['_STATUSRESPONSE']._serialized_end=1162
-  _globals['_WATCHSTATUSREQUEST']._serialized_start=1164
-  _globals['_WATCHSTATUSREQUEST']._serialized_end=1210
-  _globals['_AGENT']._serialized_start=1729
-  _globals['_AGENT']._serialized_end=2196
+  _globals['_APPLYREQUEST']._serialized_end=519
+  _globals['_APPLYRESPONSE']._serialized_start=522
+  _globals['_APPLYRESPONSE']._serialized_end=686
+  _globals['_STOPALLREQUEST']._serialized_start=688
+  _globals['_STOPALLREQUEST']._serialized_end=704
+  _globals['_STOPALLRESPONSE']._serialized_start=706
+  _globals['_STOPALLRESPONSE']._serialized_end=740
+  _globals['_GETSTATUSREQUEST']._serialized_start=742
+  _globals['_GETSTATUSREQUEST']._serialized_end=760
+  _globals['_PROCESSSTATUS']._serialized_start=763
+  _globals['_PROCESSSTATUS']._serialized_end=1043
+  _globals['_STATUSRESPONSE']._serialized_start=1046
+  _globals['_STATUSRESPONSE']._serialized_end=1187
+  _globals['_WATCHSTATUSREQUEST']._serialized_start=1189
+  _globals['_WATCHSTATUSREQUEST']._serialized_end=1235
+  _globals['_AGENT']._serialized_start=1754
+  _globals['_AGENT']._serialized_end=2221
 # @@protoc_insertion_point(module_scope)

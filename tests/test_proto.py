@@ -20,7 +20,7 @@ def _generator():
 
 def test_generated_modules_match_proto_sources(tmp_path):
     written = _generator().generate(tmp_path)
-    assert sorted(p.name for p in written) == ["agent_pb2.py", "agent_pb2_grpc.py"]
+    assert sorted(p.name for p in written) == ["agent_pb2.py", "agent_pb2_grpc.py", "enroll_pb2.py", "enroll_pb2_grpc.py"]
     for path in written:
         committed = (PROTO_DIR / path.name).read_text()
         assert path.read_text() == committed, f"{path.name} is stale; run python proto/generate.py"

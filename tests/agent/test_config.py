@@ -1,0 +1,270 @@
+"""agent.yaml: a complete file loads with resolved paths; each invalid input raises its one-line error."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import yaml
+
+from quil_cluster.agent.config import AgentConfig, TLSFiles, load, sample, split_host_port
+from quil_cluster.common.errors import ConfigError
+
+COMPLETE = """\
+cluster: test
+listen: 127.0.0.1:7350
+worker_address: 10.0.0.1
+node_binary: bin/node
+node_config_dir: node/.config
+work_dir: node
+state_dir: state
+tls:
+  cert: tls/agent.crt
+  key: tls/agent.key
+  ca: tls/ca.crt
+node_args: [--signature-check=false]
+stop_grace_seconds: 5
+start_seconds: 2.5
+log_max_bytes: 8192
+log_backups: 2
+node_env:
+  GOMAXPROCS: "4"
+"""
+
+# Only the required keys.
+MINIMAL = """\
+cluster: test
+listen: 127.0.0.1:7350
+worker_address: 10.0.0.1
+node_binary: bin/node
+node_config_dir: node/.config
+state_dir: state
+tls:
+  cert: agent.crt
+  key: agent.key
+  ca: ca.crt
+"""
+
+
+def _write(directory: Path, text: str, name: str = "agent.yaml") -> Path:
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+def _error(path: Path) -> str:
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    return str(err.value)
+
+
+# -- complete files --------------------------------------------------------------
+
+
+def test_load_complete_file(tmp_path):
+    base = tmp_path.resolve()
+    config = load(_write(tmp_path, COMPLETE))
+    assert config == AgentConfig(
+        cluster="test",
+        listen="127.0.0.1:7350",
+        worker_address="10.0.0.1",
+        node_binary=base / "bin" / "node",
+        node_config_dir=base / "node" / ".config",
+        work_dir=base / "node",
+        state_dir=base / "state",
+        tls=TLSFiles(cert=base / "tls" / "agent.crt", key=base / "tls" / "agent.key", ca=base / "tls" / "ca.crt"),
+        node_args=("--signature-check=false",),
+        stop_grace_seconds=5,
+        start_seconds=2.5,
+        log_max_bytes=8192,
+        log_backups=2,
+        node_env={"GOMAXPROCS": "4"},
+    )
+
+
+def test_load_resolves_paths_against_file_directory(tmp_path, monkeypatch):
+    (tmp_path / "conf").mkdir()
+    path = _write(tmp_path / "conf", MINIMAL)
+    # The working directory must not matter.
+    monkeypatch.chdir("/")
+    config = load(path)
+    assert config.node_binary == tmp_path.resolve() / "conf" / "bin" / "node"
+    assert config.tls.ca == tmp_path.resolve() / "conf" / "ca.crt"
+
+
+def test_load_relative_config_path(tmp_path, monkeypatch):
+    _write(tmp_path, MINIMAL)
+    monkeypatch.chdir(tmp_path)
+    assert load(Path("agent.yaml")).state_dir == tmp_path.resolve() / "state"
+
+
+def test_load_keeps_absolute_paths(tmp_path):
+    path = _write(tmp_path, MINIMAL.replace("node_binary: bin/node", "node_binary: /opt/quil/node"))
+    assert load(path).node_binary == Path("/opt/quil/node")
+
+
+def test_load_minimal_file_uses_defaults(tmp_path):
+    config = load(_write(tmp_path, MINIMAL))
+    assert config.work_dir == tmp_path.resolve() / "node"
+    assert config.node_args == ()
+    assert config.node_env == {}
+    assert config.stop_grace_seconds == 10.0
+    assert config.start_seconds == 1.0
+    assert config.log_max_bytes == 10 * 1024 * 1024
+    assert config.log_backups == 3
+
+
+def test_load_ipv6_addresses(tmp_path):
+    text = MINIMAL.replace("127.0.0.1:7350", "'[::1]:7350'").replace("10.0.0.1", "'fd00::5'")
+    config = load(_write(tmp_path, text))
+    assert config.listen == "[::1]:7350"
+    assert config.worker_address == "fd00::5"
+
+
+def test_log_dir_is_under_state_dir(tmp_path):
+    assert load(_write(tmp_path, MINIMAL)).log_dir == tmp_path.resolve() / "state" / "logs"
+
+
+# -- invalid files -------------------------------------------------------------------
+
+# Cases of (test id, text of agent.yaml, expected error text after the file's path).
+INVALID = [
+    ("unknown key", MINIMAL.replace("worker_address", "worker_adress"),
+     ": unknown key 'worker_adress'; did you mean 'worker_address'?"),
+    ("unknown key without close match", MINIMAL + "mtu: 1500\n",
+     ": unknown key 'mtu'; known keys: cluster, listen, worker_address, node_binary, node_config_dir,"
+     " work_dir, state_dir, tls, node_args, stop_grace_seconds, start_seconds, log_max_bytes, log_backups,"
+     " node_env"),
+    ("duplicate key", MINIMAL + "listen: 127.0.0.1:7351\n",
+     ":11: duplicate key 'listen' (first at line 2); remove one of them"),
+    ("missing key", MINIMAL.replace("state_dir: state\n", ""), ": missing key 'state_dir'"),
+    ("empty file", "", ": missing key 'cluster'"),
+    ("tls missing key", MINIMAL.replace("  ca: ca.crt\n", ""), ": tls is missing ca"),
+    ("tls missing two keys", MINIMAL.replace("  cert: agent.crt\n  key: agent.key\n", ""),
+     ": tls is missing cert, key"),
+    ("tls unknown key", MINIMAL + "  crt: agent.crt\n", ": tls: unknown key 'crt'; did you mean 'cert'?"),
+    ("tls not a mapping", MINIMAL.split("tls:")[0] + "tls: agent.crt\n",
+     ": 'tls' must be a mapping with cert, key and ca"),
+    ("tls path empty", MINIMAL.replace("ca: ca.crt", "ca: ''"), ": 'tls.ca' must be a non-empty path string"),
+    ("worker address not an ip", MINIMAL.replace("10.0.0.1", "node.example"),
+     ": worker_address 'node.example' is not an IP address"),
+    ("worker address a number", MINIMAL.replace("10.0.0.1", "167772161"),
+     ": worker_address '167772161' is not an IP address"),
+    ("worker address wildcard", MINIMAL.replace("10.0.0.1", "0.0.0.0"),
+     ": worker_address '0.0.0.0' is a wildcard; set the concrete address the workers bind"),
+    ("worker address ipv6 wildcard", MINIMAL.replace("10.0.0.1", "'::'"),
+     ": worker_address '::' is a wildcard; set the concrete address the workers bind"),
+    ("listen without port", MINIMAL.replace("127.0.0.1:7350", "127.0.0.1"),
+     ": listen: '127.0.0.1' is not HOST:PORT"),
+    ("listen port 70000", MINIMAL.replace("7350", "70000"),
+     ": listen: '127.0.0.1:70000' is not HOST:PORT with a port from 1 to 65535"),
+    ("listen port 0", MINIMAL.replace(":7350", ":0"),
+     ": listen: '127.0.0.1:0' is not HOST:PORT with a port from 1 to 65535"),
+    ("listen superscript port", MINIMAL.replace("127.0.0.1:7350", "'127.0.0.1:\u00b2'"),
+     ": listen: '127.0.0.1:\u00b2' is not HOST:PORT with a port from 1 to 65535"),
+    ("listen a number", MINIMAL.replace("127.0.0.1:7350", "7350"), ": listen: '7350' is not HOST:PORT"),
+    ("cluster a number", MINIMAL.replace("cluster: test", "cluster: 5"), ": 'cluster' must be a non-empty string"),
+    ("cluster empty", MINIMAL.replace("cluster: test", "cluster: ''"), ": 'cluster' must be a non-empty string"),
+    ("stop grace 0", MINIMAL + "stop_grace_seconds: 0\n",
+     ": 'stop_grace_seconds' must be a number of seconds between 0 and 3600"),
+    ("stop grace above limit", MINIMAL + "stop_grace_seconds: 3601\n",
+     ": 'stop_grace_seconds' must be a number of seconds between 0 and 3600"),
+    ("stop grace true", MINIMAL + "stop_grace_seconds: true\n",
+     ": 'stop_grace_seconds' must be a number of seconds between 0 and 3600"),
+    ("start seconds text", MINIMAL + "start_seconds: soon\n",
+     ": 'start_seconds' must be a number of seconds between 0 and 3600"),
+    ("log max bytes small", MINIMAL + "log_max_bytes: 4095\n",
+     ": 'log_max_bytes' must be an integer of at least 4096"),
+    ("log backups zero", MINIMAL + "log_backups: 0\n", ": 'log_backups' must be an integer of at least 1"),
+    ("log backups text", MINIMAL + "log_backups: three\n", ": 'log_backups' must be an integer of at least 1"),
+    ("node args with number", MINIMAL + "node_args: [--debug, 5]\n", ": 'node_args' must be a list of strings"),
+    ("node args a string", MINIMAL + "node_args: --debug\n", ": 'node_args' must be a list of strings"),
+    ("node env number value", MINIMAL + "node_env: {GOMAXPROCS: 4}\n",
+     ": 'node_env' must be a mapping of strings to strings"),
+    ("path not a string", MINIMAL.replace("state_dir: state", "state_dir: [state]"),
+     ": 'state_dir' must be a non-empty path string"),
+    ("broken yaml", MINIMAL + "node_args: [\n",
+     ":12: invalid YAML: expected the node content, but found '<stream end>'; fix the syntax at that line"),
+    ("broken yaml indentation", MINIMAL.replace("  key: agent.key", " key: agent.key"),
+     ":9: invalid YAML: expected <block end>, but found '<block mapping start>'; fix the syntax at that line"),
+    ("top level a list", "- cluster\n- listen\n", ": expected a mapping of keys at the top level, found list"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), [case[1:] for case in INVALID], ids=[case[0] for case in INVALID])
+def test_load_invalid_file_raises(tmp_path, text, expected):
+    path = _write(tmp_path, text)
+    assert _error(path) == f"{path}{expected}"
+
+
+def test_load_missing_file_raises(tmp_path):
+    path = tmp_path / "agent.yaml"
+    assert _error(path) == f"{path}: cannot read file: No such file or directory"
+
+
+def test_load_non_utf8_file_raises(tmp_path):
+    path = tmp_path / "agent.yaml"
+    path.write_bytes(b"cluster: t\xffest\n")
+    assert _error(path) == f"{path}: not UTF-8 text: invalid start byte at byte 10"
+
+
+def test_config_error_is_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+# -- split_host_port ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("127.0.0.1:7350", ("127.0.0.1", 7350)),
+    ("[::1]:1", ("::1", 1)),
+    ("agent.example:65535", ("agent.example", 65535)),
+])
+def test_split_host_port_valid(value, expected):
+    assert split_host_port(value, "listen") == expected
+
+
+@pytest.mark.parametrize("value", [":7350", "[]:7350", "host:", "host:-1", "host:+80", "host: 80", "host:\uff11"])
+def test_split_host_port_invalid(value):
+    with pytest.raises(ConfigError) as err:
+        split_host_port(value, "listen")
+    assert str(err.value) == f"listen: '{value}' is not HOST:PORT with a port from 1 to 65535"
+
+
+# -- sample() ---------------------------------------------------------------------
+
+
+def _write_sample(directory: Path, text: str) -> Path:
+    for name in ("agent.crt", "agent.key", "ca.crt"):
+        (directory / name).write_text("placeholder\n")
+    return _write(directory, text)
+
+
+def test_sample_loads(tmp_path):
+    base = tmp_path.resolve()
+    config = load(_write_sample(tmp_path, sample("prod")))
+    assert config.cluster == "prod"
+    assert config.listen == "0.0.0.0:7350"
+    assert config.worker_address == "192.0.2.10"
+    assert config.node_binary == Path("/opt/quilibrium/node/node")
+    assert config.node_config_dir == Path("/var/lib/quil-agent/node/.config")
+    assert config.work_dir == Path("/var/lib/quil-agent/node")
+    assert config.state_dir == Path("/var/lib/quil-agent/state")
+    assert config.tls == TLSFiles(cert=base / "agent.crt", key=base / "agent.key", ca=base / "ca.crt")
+
+
+def test_sample_default_cluster(tmp_path):
+    assert load(_write_sample(tmp_path, sample())).cluster == "quil"
+
+
+@pytest.mark.parametrize("key", ["node_args", "stop_grace_seconds", "start_seconds", "log_max_bytes", "log_backups"])
+def test_sample_matches_defaults(tmp_path, key):
+    config = load(_write_sample(tmp_path, sample()))
+    default = next(f.default for f in fields(AgentConfig) if f.name == key)
+    assert getattr(config, key) == default
+
+
+def test_sample_keys_are_known():
+    keys = set(yaml.safe_load(sample()))
+    assert keys <= {f.name for f in fields(AgentConfig)}
