@@ -17,12 +17,13 @@ import grpc
 import psutil
 
 from .. import __version__
-from ..common import pki, tls
-from ..common.errors import ConfigError, TLSError
+from ..common import tls
+from ..common.errors import ConfigError
 from ..common.states import State
 from ..proto import agent_pb2 as pb
 from ..proto import agent_pb2_grpc as pb_grpc
 from .config import AgentConfig
+from .identity import AgentIdentity, InstallError
 from .reconcile import CONTROL, Reconciler, RequestError, generation_name
 from .supervisor import Policy, ProcessInfo, Supervisor, stop_leftovers
 
@@ -38,6 +39,8 @@ POLICY = {
     _SERVICE + "WatchStatus": _READERS,
     _SERVICE + "Apply": _WRITERS,
     _SERVICE + "StopAll": _WRITERS,
+    _SERVICE + "CreateCSR": _WRITERS,
+    _SERVICE + "InstallCertificate": _WRITERS,
 }
 
 # Bounds on what one client can make the server hold.
@@ -57,9 +60,10 @@ _CONTROL_ENUM = {
 
 
 class AgentService(pb_grpc.AgentServicer):
-    def __init__(self, config: AgentConfig, reconciler: Reconciler) -> None:
+    def __init__(self, config: AgentConfig, reconciler: Reconciler, identity: AgentIdentity) -> None:
         self.config = config
         self.reconciler = reconciler
+        self.identity = identity
         self._watchers = threading.BoundedSemaphore(MAX_WATCHERS)
         self._binary_hash: tuple[tuple[int, int], str] | None = None
 
@@ -116,12 +120,25 @@ class AgentService(pb_grpc.AgentServicer):
         finally:
             self._watchers.release()
 
+    def CreateCSR(self, request: pb.CreateCSRRequest, context: grpc.ServicerContext) -> pb.CreateCSRResponse:
+        return pb.CreateCSRResponse(csr_pem=self.identity.create_csr())
+
+    def InstallCertificate(self, request: pb.InstallCertificateRequest,
+                           context: grpc.ServicerContext) -> pb.InstallCertificateResponse:
+        try:
+            not_after, serial = self.identity.install(bytes(request.cert_pem))
+        except InstallError as err:
+            log.warning("certificate install rejected: %s (from %s)", err, context.peer())
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        return pb.InstallCertificateResponse(not_after=not_after, serial=serial)
+
     def _status(self) -> pb.StatusResponse:
         desired = self.reconciler.desired
         return pb.StatusResponse(
             hostname=socket.gethostname(), config_generation=desired.config_generation,
             config_sha256=desired.config_sha256,
             processes=[_process_status(info) for info in self.reconciler.supervisor.snapshot()],
+            cert_not_after=self.identity.not_after,
         )
 
     def _node_binary_sha256(self) -> str:
@@ -182,10 +199,7 @@ def build_server(config: AgentConfig) -> Agent:
     5. serve the Agent API over mutual TLS with per-method authorization
     """
     # 1. TLS files and port
-    pem = pki.load_pem_files(config.tls.key, config.tls.cert, config.tls.ca)
-    if pem.identity.role != "agent" or pem.identity.cluster != config.cluster:
-        raise TLSError(f"{config.tls.cert}: certificate is for {pem.identity.uri}, not an agent of cluster"
-                       f" {config.cluster}; use the bundle written by quil-coord host add")
+    identity = AgentIdentity(config)
     reconciler_ref: list[Reconciler] = []
 
     def revoked() -> frozenset[str]:
@@ -201,9 +215,8 @@ def build_server(config: AgentConfig) -> Agent:
         ],
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
     )
-    credentials = tls.server_credentials(pem.key_pem, pem.cert_pem, pem.ca_pem)
     try:
-        port = server.add_secure_port(config.listen, credentials)
+        port = server.add_secure_port(config.listen, identity.server_credentials())
     except RuntimeError as err:
         raise ConfigError(f"cannot listen on {config.listen} ({err}); is another agent running there?") from err
 
@@ -228,7 +241,7 @@ def build_server(config: AgentConfig) -> Agent:
         reconciler.restore()
 
     # 5. serve
-    pb_grpc.add_AgentServicer_to_server(AgentService(config, reconciler), server)
+    pb_grpc.add_AgentServicer_to_server(AgentService(config, reconciler, identity), server)
     server.start()
     log.info("listening: agent API on %s (mutual TLS, cluster %s)", config.listen, config.cluster)
     return Agent(server, supervisor, reconciler, port)

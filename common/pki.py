@@ -585,3 +585,8 @@ def write_public(path: str | os.PathLike[str], data: bytes) -> None:
 def serial_hex(cert_pem: bytes) -> str:
     """Return the certificate's serial number as lower-case hex, the form revocation lists use."""
     return format(_load_cert(cert_pem, "certificate").serial_number, "x")
+
+
+def not_after(cert_pem: bytes) -> float:
+    """Return the certificate's expiry as Unix time in seconds."""
+    return _load_cert(cert_pem, "certificate").not_valid_after_utc.timestamp()

@@ -60,6 +60,8 @@ class ApplyReport:
     config_sha256: str
     hosts: list[HostResult]
     seconds: float
+    # Host name -> "renewed" or the renewal error, for certificates that were due.
+    renewals: dict[str, str] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> ExitCode:
@@ -96,7 +98,11 @@ def apply(home: Home, wait: bool = False) -> ApplyReport:
 
 
 def _apply(home: Home) -> ApplyReport:
+    from .renew import renew_due
+
     started = time.monotonic()
+    # 0. renew agent certificates that are due, over the same channels
+    renewals = renew_due(home)
     with home.locked():
         settings = home.load_settings()
         hosts = home.load_hosts()
@@ -117,7 +123,7 @@ def _apply(home: Home) -> ApplyReport:
     if results[control.name].control == "held":
         _release_control(credentials, hosts, control, results, lambda h: request(h, hold=False), cores)
     report = ApplyReport(assignment.config_generation, request(control, True).config_sha256,
-                         [results[h.name] for h in hosts], time.monotonic() - started)
+                         [results[h.name] for h in hosts], time.monotonic() - started, renewals)
     log.info("apply finished in %.2f s", report.seconds)
     return report
 

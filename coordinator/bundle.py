@@ -17,21 +17,36 @@ DEFAULT_NODE_CONFIG_DIR = "/var/lib/quil-agent/node/.config"
 DEFAULT_STATE_DIR = "/var/lib/quil-agent/state"
 
 
-def issue_agent_cert(home: Home, cluster: str, host: Host) -> tuple[bytes, bytes]:
-    """Issue the agent's server certificate, valid for the address the coordinator dials."""
-    ca_key, ca_cert = home.file("ca.key").read_bytes(), home.file("ca.crt").read_bytes()
+def agent_names(host: Host) -> tuple[list[str], list[str]]:
+    """IP and DNS names an agent certificate needs: the address the coordinator dials, and the host name."""
     agent_host = host.agent.rpartition(":")[0].strip("[]")
     try:
-        ips, dns = [str(ipaddress.ip_address(agent_host))], [host.name]
+        return [str(ipaddress.ip_address(agent_host))], [host.name]
     except ValueError:
-        ips, dns = [], [agent_host, host.name]
+        return [], [agent_host, host.name]
+
+
+def issue_agent_cert(home: Home, cluster: str, host: Host, days: int) -> tuple[bytes, bytes]:
+    """Issue the agent's key and certificate, valid for the address the coordinator dials."""
+    ca_key, ca_cert = home.file("ca.key").read_bytes(), home.file("ca.crt").read_bytes()
+    ips, dns = agent_names(host)
     identity = pki.Identity(cluster=cluster, role="agent", name=host.name)
-    return pki.issue(ca_key, ca_cert, identity, ip_addresses=ips, dns_names=dns)
+    return pki.issue(ca_key, ca_cert, identity, ip_addresses=ips, dns_names=dns, days=days)
 
 
-def write_bundle(home: Home, cluster: str, host: Host, directory: Path, *, node_binary: str | None,
-                 node_config_dir: str | None, state_dir: str | None) -> tuple[Path, str]:
-    """Write the bundle into directory (created 0700); return agent.yaml's path and the certificate serial.
+def sign_agent_csr(home: Home, cluster: str, host: Host, csr_pem: bytes, days: int) -> bytes:
+    """Sign an agent's signing request for the host's identity and names (never the request's)."""
+    ca_key, ca_cert = home.file("ca.key").read_bytes(), home.file("ca.crt").read_bytes()
+    ips, dns = agent_names(host)
+    identity = pki.Identity(cluster=cluster, role="agent", name=host.name)
+    return pki.sign_csr(ca_key, ca_cert, csr_pem, identity, ip_addresses=ips, dns_names=dns, days=days)
+
+
+def write_bundle(home: Home, cluster: str, host: Host, directory: Path, *, days: int, node_binary: str | None,
+                 node_config_dir: str | None, state_dir: str | None) -> tuple[Path, str, float]:
+    """Write the bundle into directory (created 0700).
+
+    Returns agent.yaml's path, the certificate's serial and its expiry time.
 
     Raises StateError rather than overwrite an existing key.
     """
@@ -39,7 +54,7 @@ def write_bundle(home: Home, cluster: str, host: Host, directory: Path, *, node_
     if (directory / "agent.key").exists():
         raise StateError(f"{directory}/agent.key already exists; choose an empty --bundle directory")
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    key, cert = issue_agent_cert(home, cluster, host)
+    key, cert = issue_agent_cert(home, cluster, host, days)
     pki.write_private(directory / "agent.key", key)
     pki.write_public(directory / "agent.crt", cert)
     pki.write_public(directory / "ca.crt", home.file("ca.crt").read_bytes())
@@ -53,4 +68,4 @@ def write_bundle(home: Home, cluster: str, host: Host, directory: Path, *, node_
         "tls": {"cert": "agent.crt", "key": "agent.key", "ca": "ca.crt"},
     }
     pki.write_public(directory / "agent.yaml", dump(config))
-    return directory / "agent.yaml", pki.serial_hex(cert)
+    return directory / "agent.yaml", pki.serial_hex(cert), pki.not_after(cert)

@@ -99,6 +99,8 @@ def _add_host_parsers(sub: argparse._SubParsersAction) -> None:
     remove = host.add_parser("remove", help="stop a host's workers, revoke its certificate, then assign and apply")
     remove.add_argument("name")
     remove.add_argument("--no-apply", action="store_true", help="only remove from the inventory and revoke")
+    renew = host.add_parser("renew", help="renew a host's agent certificate now")
+    renew.add_argument("name")
     change = host.add_parser("set", help="change a host (run assign and apply afterwards)")
     change.add_argument("name")
     change.add_argument("--address")
@@ -169,6 +171,11 @@ def cmd_host(args: argparse.Namespace) -> int:
         print(json.dumps({"hosts": rows}, indent=2) if args.json else output.host_table(rows))
     elif args.host_command == "remove":
         return _remove_host(home, args)
+    elif args.host_command == "renew":
+        from .renew import renew_host
+
+        not_after = renew_host(home, args.name)
+        print(f"renewed the certificate of host {args.name}; valid until {output.timestamp(not_after)}")
     else:
         changes = dict(address=args.address, agent=args.agent, control=args.control, workers=args.workers,
                        reserve=args.reserve, cpus=args.cpus)

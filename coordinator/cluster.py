@@ -67,8 +67,9 @@ def add_host(home: Home, host: Host, bundle: Path, *, node_binary: str | None, n
         settings = home.load_settings()
         hosts = home.load_hosts()
         inventory.check_unique(hosts + [host])
-        path, host.serial = write_bundle(home, settings.name, host, bundle, node_binary=node_binary,
-                                         node_config_dir=node_config_dir, state_dir=state_dir)
+        path, host.serial, host.cert_not_after = write_bundle(
+            home, settings.name, host, bundle, days=settings.agent_cert_days, node_binary=node_binary,
+            node_config_dir=node_config_dir, state_dir=state_dir)
         home.save_hosts(hosts + [host])
     return path
 
@@ -110,7 +111,7 @@ def run_assign(home: Home, cpus_of: CPUS_UNKNOWN, dry_run: bool) -> tuple[Plan, 
         counts = worker_counts(hosts, cpus_of)
         plan = assign(hosts, counts, previous.slots if previous else [], settings.ports())
         generation = (previous.config_generation if previous else 0) + (1 if plan.changed or not previous else 0)
-        recorded = Assignment(generation, plan.slots, [h.to_dict() for h in hosts])
+        recorded = Assignment(generation, plan.slots, [h.assignment_fields() for h in hosts])
         if not dry_run:
             home.save_assignment(recorded)
         return plan, recorded
@@ -141,6 +142,6 @@ def check_assignment_current(home: Home, assignment: Assignment | None, hosts: l
     """Raise unless an assignment exists and the inventory has not changed since it was made."""
     if assignment is None:
         raise InventoryError("no assignment recorded; run quil-coord assign first")
-    if assignment.hosts != [h.to_dict() for h in hosts]:
+    if assignment.hosts != [h.assignment_fields() for h in hosts]:
         raise InventoryError("the inventory changed since the last assign; run quil-coord assign, then apply")
     return assignment

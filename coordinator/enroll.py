@@ -30,6 +30,7 @@ from ..proto import agent_pb2 as pb
 from ..proto import enroll_pb2 as epb
 from ..proto import enroll_pb2_grpc as epb_grpc
 from . import audit, inventory, tokens
+from .bundle import sign_agent_csr
 from .client import CALL_TIMEOUT, Credentials
 from .home import Home
 from .inventory import Host
@@ -54,10 +55,11 @@ def enroll_host(home: Home, token: tokens.TokenRecord, request: epb.JoinRequest)
         name = token.host_name or f"host-{token.id}"
         if any(h.name == name for h in hosts):
             raise InventoryError(f"host name {name} is already in the inventory; create a token with another --host-name")
-        cert_pem = _sign(home, settings.name, name, address, request.csr_pem, settings.agent_cert_days)
         endpoint = f"[{address}]:{request.agent_port}" if ":" in address else f"{address}:{request.agent_port}"
         host = Host(name=name, address=address, agent=endpoint, workers=token.workers,
-                    cpus=request.logical_cpus or None, serial=pki.serial_hex(cert_pem))
+                    cpus=request.logical_cpus or None)
+        cert_pem = sign_agent_csr(home, settings.name, host, request.csr_pem, settings.agent_cert_days)
+        host.serial, host.cert_not_after = pki.serial_hex(cert_pem), pki.not_after(cert_pem)
         inventory.check_unique(hosts + [host])
         home.save_hosts(hosts + [host])
     return epb.JoinResponse(cert_pem=cert_pem, ca_pem=home.file("ca.crt").read_bytes(), cluster=settings.name,
@@ -80,12 +82,6 @@ def check_worker_address(proposed: str, local: bool, hosts: list[Host]) -> str:
         if host.address == str(address):
             raise InventoryError(f"worker address {address} is already used by host {host.name}; pass --address")
     return str(address)
-
-
-def _sign(home: Home, cluster: str, name: str, address: str, csr_pem: bytes, days: int) -> bytes:
-    identity = pki.Identity(cluster=cluster, role="agent", name=name)
-    ca_key, ca_cert = home.file("ca.key").read_bytes(), home.file("ca.crt").read_bytes()
-    return pki.sign_csr(ca_key, ca_cert, csr_pem, identity, ip_addresses=[address], dns_names=[name], days=days)
 
 
 class EnrollmentService(epb_grpc.EnrollmentServicer):
@@ -207,22 +203,50 @@ def _answers(credentials: Credentials, host: Host) -> bool:
         channel.close()
 
 
+class Renewer:
+    """Renew agent certificates that are due, every interval seconds."""
+
+    def __init__(self, home: Home, interval: float = 60.0) -> None:
+        self.home = home
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="renewer", daemon=True)
+
+    def begin(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+
+    def _loop(self) -> None:
+        from .renew import renew_due
+
+        while not self._stop.wait(self.interval):
+            try:
+                renew_due(self.home)
+            except QuilClusterError as err:
+                log.error("certificate renewal round failed: %s; retrying in %.0f s", err, self.interval)
+
+
 class EnrollmentServer:
-    def __init__(self, server: grpc.Server, port: int, auto_apply: AutoApply) -> None:
+    def __init__(self, server: grpc.Server, port: int, auto_apply: AutoApply, renewer: Renewer) -> None:
         self.server = server
         self.port = port
         self.auto_apply = auto_apply
+        self.renewer = renewer
 
     def stop(self) -> None:
         self.server.stop(grace=2.0).wait(5.0)
         self.auto_apply.close()
+        self.renewer.close()
 
 
 def build_server(home: Home, listen: str, advertise: str) -> EnrollmentServer:
     """Assemble and start the enrollment endpoint, in order:
 
     1. issue the endpoint's TLS certificate for the advertised address
-    2. start the auto-apply thread
+    2. start the auto-apply and certificate renewal threads
     3. serve Enrollment over TLS; the chain includes the CA so joining
        hosts can check it against their pinned hash
     4. record the address in serve.json for quil-coord token create
@@ -237,9 +261,11 @@ def build_server(home: Home, listen: str, advertise: str) -> EnrollmentServer:
     ca_key, ca_cert = home.file("ca.key").read_bytes(), home.file("ca.crt").read_bytes()
     key, cert = pki.issue(ca_key, ca_cert, pki.Identity(settings.name, "coordinator", "coordinator"),
                           ip_addresses=ips, dns_names=dns)
-    # 2. auto-apply
+    # 2. auto-apply and certificate renewal
     auto_apply = AutoApply(home)
     auto_apply.begin()
+    renewer = Renewer(home)
+    renewer.begin()
     # 3. server
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="join"),
                          options=[("grpc.max_receive_message_length", 64 * 1024), ("grpc.so_reuseport", 0)],
@@ -252,6 +278,7 @@ def build_server(home: Home, listen: str, advertise: str) -> EnrollmentServer:
         port = server.add_secure_port(listen, credentials)
     except RuntimeError as err:
         auto_apply.close()
+        renewer.close()
         raise InventoryError(f"cannot listen on {listen} ({err}); is quil-coord serve already running?") from err
     server.start()
     # 4. serve.json
@@ -259,7 +286,7 @@ def build_server(home: Home, listen: str, advertise: str) -> EnrollmentServer:
     write_atomic(home.file("serve.json"), json.dumps({"address": advertised, "pid": os.getpid()}).encode(),
                  mode=0o600)
     log.info("listening: enrollment on %s (advertised as %s)", listen, advertised)
-    return EnrollmentServer(server, port, auto_apply)
+    return EnrollmentServer(server, port, auto_apply, renewer)
 
 
 def advertised_address(home: Home) -> str | None:

@@ -52,8 +52,8 @@ class Settings:
     local: bool = False
     # Assign and apply as soon as a joined host's agent answers.
     auto_apply: bool = True
-    # Lifetime of agent certificates issued at join, in days.
-    agent_cert_days: int = 365
+    # Lifetime of agent certificates, in days; apply and serve renew them at about two thirds.
+    agent_cert_days: int = 7
 
     def ports(self) -> Ports:
         stream = self.stream_base_port if self.node_generation == "2.1" else 0

@@ -30,6 +30,12 @@ class Host:
     cpus: int | None = None
     # Serial number (hex) of the agent certificate issued to the host, revoked when it is removed.
     serial: str | None = None
+    # Unix time when that certificate expires; renewal starts at about two thirds of its lifetime.
+    cert_not_after: float | None = None
+
+    def assignment_fields(self) -> dict[str, Any]:
+        """The fields an assignment depends on; certificate renewals leave them unchanged."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("serial", "cert_not_after")}
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

@@ -53,7 +53,7 @@ def assignment_table(rows: list[dict], plan: Plan, generation: int, dry_run: boo
 
 
 def apply_lines(report: ApplyReport) -> str:
-    lines = []
+    lines = [f"{name}: certificate {outcome}" for name, outcome in sorted(report.renewals.items())]
     for host in report.hosts:
         if host.outcome in ("failed", "unreachable"):
             lines.append(f"{host.name}: {host.outcome.upper()} ({host.error})")
@@ -93,7 +93,11 @@ def status_table(hosts: list[HostStatus]) -> str:
                          p["restarts"], _listening(p), p["detail"]))
         rows += [(host.name, core, "missing", "", "", "", "", "assigned but not running; run apply")
                  for core in host.expected_cores if core not in seen]
-    return table(("HOST", "CORE", "STATE", "PID", "UPTIME", "RESTARTS", "LISTENING", "DETAIL"), rows)
+    body = table(("HOST", "CORE", "STATE", "PID", "UPTIME", "RESTARTS", "LISTENING", "DETAIL"), rows)
+    expiry = [f"{h.name} {h.cert_expires_in_days:.1f}" for h in hosts if h.cert_expires_in_days is not None]
+    if expiry:
+        body += "\nagent certificates expire in (days): " + ", ".join(expiry)
+    return body
 
 
 def status_json(hosts: list[HostStatus]) -> str:

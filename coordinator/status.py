@@ -26,6 +26,7 @@ class HostStatus:
     expected_cores: list[int]
     processes: list[dict] = field(default_factory=list)
     config_generation: int = 0
+    cert_expires_in_days: float | None = None
     error: str = ""
     exit_code: ExitCode = ExitCode.OK
 
@@ -55,6 +56,8 @@ def _host_status(credentials: Credentials, host: Host, expected: list[int]) -> H
     status.reachable = True
     status.config_generation = reply.config_generation
     now = time.time()
+    if reply.cert_not_after:
+        status.cert_expires_in_days = round((reply.cert_not_after - now) / 86400, 2)
     status.processes = [_process(p, now) for p in reply.processes]
     return status
 

@@ -59,6 +59,16 @@ class AgentStub:
                 request_serializer=agent__pb2.WatchStatusRequest.SerializeToString,
                 response_deserializer=agent__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.CreateCSR = channel.unary_unary(
+                '/quil_cluster.agent.v1.Agent/CreateCSR',
+                request_serializer=agent__pb2.CreateCSRRequest.SerializeToString,
+                response_deserializer=agent__pb2.CreateCSRResponse.FromString,
+                _registered_method=True)
+        self.InstallCertificate = channel.unary_unary(
+                '/quil_cluster.agent.v1.Agent/InstallCertificate',
+                request_serializer=agent__pb2.InstallCertificateRequest.SerializeToString,
+                response_deserializer=agent__pb2.InstallCertificateResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -101,6 +111,20 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateCSR(self, request, context):
+        """Make a new private key and return a signing request for it; the key stays on the host.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InstallCertificate(self, request, context):
+        """Install a certificate for the key of the last CreateCSR; new connections use it at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +152,16 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.WatchStatus,
                     request_deserializer=agent__pb2.WatchStatusRequest.FromString,
                     response_serializer=agent__pb2.StatusResponse.SerializeToString,
+            ),
+            'CreateCSR': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCSR,
+                    request_deserializer=agent__pb2.CreateCSRRequest.FromString,
+                    response_serializer=agent__pb2.CreateCSRResponse.SerializeToString,
+            ),
+            'InstallCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.InstallCertificate,
+                    request_deserializer=agent__pb2.InstallCertificateRequest.FromString,
+                    response_serializer=agent__pb2.InstallCertificateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +299,60 @@ class Agent:
             '/quil_cluster.agent.v1.Agent/WatchStatus',
             agent__pb2.WatchStatusRequest.SerializeToString,
             agent__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCSR(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quil_cluster.agent.v1.Agent/CreateCSR',
+            agent__pb2.CreateCSRRequest.SerializeToString,
+            agent__pb2.CreateCSRResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InstallCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quil_cluster.agent.v1.Agent/InstallCertificate',
+            agent__pb2.InstallCertificateRequest.SerializeToString,
+            agent__pb2.InstallCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,

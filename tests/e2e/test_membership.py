@@ -1,0 +1,124 @@
+"""Membership and identity changes on a running loopback cluster: renewal and host removal."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import threading
+
+import grpc
+import pytest
+import yaml
+from cryptography import x509
+from helpers import DATA, free_port_range
+
+from quil_cluster.common import tls
+from quil_cluster.coordinator.demo import LocalCluster
+from quil_cluster.coordinator.home import Home
+from quil_cluster.proto import agent_pb2 as pb
+from quil_cluster.proto import agent_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.e2e
+
+HOSTS = {"A": ("127.0.0.2", "2"), "B": ("127.0.0.3", "3"), "C": ("127.0.0.4", "4")}
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    local = LocalCluster(tmp_path)
+    control = tmp_path / "config-1.4.21.yml"
+    control.write_bytes((DATA / "config-1.4.21.yml").read_bytes())
+    base = free_port_range([a for a, _ in HOSTS.values()], 9)
+    assert local.init(control, "--port-scheme", "global", "--base-port", str(base)) == 0
+    for name, (address, workers) in HOSTS.items():
+        extra = ["--control"] if name == "A" else []
+        assert local.add_host(name, address, "--workers", workers, *extra) == 0
+    try:
+        for name in HOSTS:
+            local.start_agent(name)
+        assert local.coord("assign") == 0
+        assert local.coord("apply") == 0
+        yield local
+    finally:
+        local.stop_all()
+
+
+def _served_serial(target: str) -> str:
+    """Serial of the certificate the agent presents on a new connection, read without trusting it."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    host, port = target.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as raw, context.wrap_socket(raw) as wrapped:
+        der = wrapped.getpeercert(binary_form=True)
+    return format(x509.load_der_x509_certificate(der).serial_number, "x")
+
+
+def test_renewal_swaps_certificate_while_status_works(cluster, capsys):
+    home = Home(cluster.home)
+    before = {h.name: h for h in home.load_hosts()}["B"]
+    assert _served_serial(before.agent) == before.serial
+    failures: list[int] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            code = cluster.coord("status", "--json")
+            if code != 0:
+                failures.append(code)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        for _ in range(3):
+            assert cluster.coord("host", "renew", "B") == 0
+    finally:
+        stop.set()
+        poller.join()
+    after = {h.name: h for h in home.load_hosts()}["B"]
+    assert failures == []
+    assert after.serial != before.serial
+    assert _served_serial(after.agent) == after.serial
+    on_disk = x509.load_pem_x509_certificate((cluster.root / "hosts" / "B" / "agent.crt").read_bytes())
+    assert format(on_disk.serial_number, "x") == after.serial
+    assert before.serial in home.load_revoked()
+
+
+def test_status_shows_certificate_days(cluster, capsys):
+    capsys.readouterr()
+    assert cluster.coord("status", "--json") == 0
+    hosts = json.loads(capsys.readouterr().out)["hosts"]
+    assert all(6.9 < h["cert_expires_in_days"] <= 7.0 for h in hosts)
+
+
+def test_remove_middle_host_moves_fewest_cores(cluster, capsys):
+    capsys.readouterr()
+    assert cluster.coord("host", "remove", "B") == 0
+    out = capsys.readouterr().out
+    assert "3 new" not in out
+    assert "6 workers, 0 new, 3 moved, 3 removed" in out
+    lists = {}
+    for name in ("A", "C"):
+        config = yaml.safe_load((cluster.root / "nodes" / name / ".config" / "config.yml").read_text())
+        lists[name] = config["engine"]["dataWorkerMultiaddrs"]
+    assert lists["A"] == lists["C"]
+    assert len(lists["A"]) == 6
+    assert [entry.split("/")[2] for entry in lists["A"]] == ["127.0.0.2"] * 2 + ["127.0.0.4"] * 4
+    capsys.readouterr()
+    assert cluster.coord("status", "--json") == 0
+    hosts = {h["name"]: h for h in json.loads(capsys.readouterr().out)["hosts"]}
+    assert sorted(p["core"] for p in hosts["C"]["processes"]) == [3, 4, 5, 6]
+
+
+def test_removed_host_certificate_is_refused(cluster):
+    bundle = cluster.root / "hosts" / "B"
+    key, cert, ca = ((bundle / n).read_bytes() for n in ("agent.key", "agent.crt", "ca.crt"))
+    assert cluster.coord("host", "remove", "B") == 0
+    target = next(h.agent for h in Home(cluster.home).load_hosts() if h.name == "A")
+    stub = pb_grpc.AgentStub(tls.secure_channel(target, tls.channel_credentials(key, cert, ca)))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetStatus(pb.GetStatusRequest(), timeout=5)
+    serial = format(x509.load_pem_x509_certificate(cert).serial_number, "x")
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert err.value.details() == f"client certificate {serial} has been revoked"
