@@ -59,26 +59,33 @@ class AgentIdentity:
             self._pending_key = key
         return csr
 
-    def install(self, cert_pem: bytes) -> tuple[float, str]:
-        """Write and serve a certificate for the pending key; return its expiry time and serial."""
+    def install(self, cert_pem: bytes, ca_bundle_pem: bytes = b"") -> tuple[float, str]:
+        """Write and serve a certificate for the pending key; return its expiry time and serial.
+
+        A non-empty ca_bundle_pem replaces the trusted CAs, which is how a CA
+        rotation reaches the agent.
+        """
         with self._lock:
             key = self._pending_key
         if key is None:
             raise InstallError("no signing request is pending; call CreateCSR first")
+        ca = ca_bundle_pem or self._ca
         try:
-            identity = pki.check_pair(key, cert_pem, self._ca)
-        except TLSError as err:
+            identity = pki.check_pair(key, cert_pem, ca)
+        except (TLSError, ValueError) as err:
             raise InstallError(str(err)) from err
         if identity != self.identity:
             raise InstallError(f"certificate is for {identity.uri}, not for this agent ({self.identity.uri})")
         # NOTE: a crash between these two writes leaves a key that does not match the
         # certificate; the agent then refuses to start with a clear error, and the host
         # must be enrolled again.
+        if ca_bundle_pem:
+            pki.write_public(self._config.tls.ca, ca_bundle_pem)
         pki.write_private(self._config.tls.key, key)
         pki.write_public(self._config.tls.cert, cert_pem)
         not_after = pki.load_pem_files(self._config.tls.key, self._config.tls.cert, self._config.tls.ca)
         with self._lock:
-            self._key, self._cert = key, cert_pem
+            self._key, self._cert, self._ca = key, cert_pem, ca
             self._pending_key = None
             self._version += 1
             self.not_after = not_after.not_valid_after.timestamp()

@@ -126,7 +126,7 @@ class AgentService(pb_grpc.AgentServicer):
     def InstallCertificate(self, request: pb.InstallCertificateRequest,
                            context: grpc.ServicerContext) -> pb.InstallCertificateResponse:
         try:
-            not_after, serial = self.identity.install(bytes(request.cert_pem))
+            not_after, serial = self.identity.install(bytes(request.cert_pem), bytes(request.ca_bundle_pem))
         except InstallError as err:
             log.warning("certificate install rejected: %s (from %s)", err, context.peer())
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))

@@ -444,10 +444,9 @@ def check_pair(
     ca_label = _label("CA certificate", ca_path)
     moment = now if now is not None else _utc_now()
 
-    ca_cert = _load_cert(ca_cert_pem, ca_label)
     cert = _load_cert(cert_pem, cert_label)
     key = _load_key(key_pem, key_label)
-    _check_issued_by(cert, ca_cert, cert_label, ca_label)
+    ca_cert = _issuer_in_bundle(cert, ca_cert_pem, cert_label, ca_label)
     _check_validity(ca_cert, ca_label, moment, "create a new cluster CA and reissue every certificate")
     _check_validity(cert, cert_label, moment, _REISSUE_HINT)
     if key.public_key() != cert.public_key():
@@ -457,6 +456,27 @@ def check_pair(
         return identity_from_cert_pem(cert_pem)
     except TLSError as err:
         raise TLSError(f"{cert_label}: {err}") from err
+
+
+def _issuer_in_bundle(cert: x509.Certificate, ca_pem: bytes, cert_label: str, ca_label: str) -> x509.Certificate:
+    """Return the CA of the bundle that issued cert; a bundle holds two CAs while the CA is rotated."""
+    try:
+        cas = x509.load_pem_x509_certificates(ca_pem)
+    except ValueError as err:
+        raise TLSError(f"{ca_label} is not a valid PEM certificate ({err})") from err
+    for ca_cert in cas[:-1]:
+        try:
+            _check_issued_by(cert, ca_cert, cert_label, ca_label)
+            return ca_cert
+        except TLSError:
+            continue
+    _check_issued_by(cert, cas[-1], cert_label, ca_label)
+    return cas[-1]
+
+
+def split_bundle(bundle_pem: bytes) -> list[bytes]:
+    """Split a PEM bundle into its certificates, each as PEM."""
+    return [c.public_bytes(serialization.Encoding.PEM) for c in x509.load_pem_x509_certificates(bundle_pem)]
 
 
 def _label(kind: str, path: str | os.PathLike[str] | None) -> str:
@@ -521,10 +541,14 @@ def load_pem_files(
     )
 
     _warn_if_key_exposed(key_path)
-    not_valid_after = x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
+    loaded = x509.load_pem_x509_certificate(cert_pem)
+    not_valid_after = loaded.not_valid_after_utc
     moment = now if now is not None else _utc_now()
     days_left = (not_valid_after - moment).days
-    if days_left < EXPIRY_WARNING_DAYS:
+    # Short-lived certificates are renewed when a third of their life is left,
+    # so only a quarter left means renewal is failing.
+    lifetime = not_valid_after - loaded.not_valid_before_utc
+    if not_valid_after - moment < min(datetime.timedelta(days=EXPIRY_WARNING_DAYS), lifetime / 4):
         logger.warning(
             "expiring: certificate %s identity=%s (on %s, in %d days; %s)",
             os.fspath(cert_path),

@@ -28,7 +28,7 @@ def agent_names(host: Host) -> tuple[list[str], list[str]]:
 
 def issue_agent_cert(home: Home, cluster: str, host: Host, days: int) -> tuple[bytes, bytes]:
     """Issue the agent's key and certificate, valid for the address the coordinator dials."""
-    ca_key, ca_cert = home.file("ca.key").read_bytes(), home.file("ca.crt").read_bytes()
+    ca_key, ca_cert = home.signing_ca()
     ips, dns = agent_names(host)
     identity = pki.Identity(cluster=cluster, role="agent", name=host.name)
     return pki.issue(ca_key, ca_cert, identity, ip_addresses=ips, dns_names=dns, days=days)
@@ -36,7 +36,7 @@ def issue_agent_cert(home: Home, cluster: str, host: Host, days: int) -> tuple[b
 
 def sign_agent_csr(home: Home, cluster: str, host: Host, csr_pem: bytes, days: int) -> bytes:
     """Sign an agent's signing request for the host's identity and names (never the request's)."""
-    ca_key, ca_cert = home.file("ca.key").read_bytes(), home.file("ca.crt").read_bytes()
+    ca_key, ca_cert = home.signing_ca()
     ips, dns = agent_names(host)
     identity = pki.Identity(cluster=cluster, role="agent", name=host.name)
     return pki.sign_csr(ca_key, ca_cert, csr_pem, identity, ip_addresses=ips, dns_names=dns, days=days)
@@ -57,7 +57,7 @@ def write_bundle(home: Home, cluster: str, host: Host, directory: Path, *, days:
     key, cert = issue_agent_cert(home, cluster, host, days)
     pki.write_private(directory / "agent.key", key)
     pki.write_public(directory / "agent.crt", cert)
-    pki.write_public(directory / "ca.crt", home.file("ca.crt").read_bytes())
+    pki.write_public(directory / "ca.crt", home.trust_bundle())
     config = {
         "cluster": cluster,
         "listen": host.agent,

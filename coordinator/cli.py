@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_token_parsers(sub)
 
+    ca = sub.add_parser("ca", help="rotate the cluster CA").add_subparsers(dest="ca_command", required=True)
+    ca.add_parser("rotate", help="create the next CA and move every agent onto it, trusting both")
+    ca.add_parser("finish", help="drop the old CA once every agent uses the next one")
+    cert = sub.add_parser("cert", help="the coordinator's own certificate").add_subparsers(dest="cert_command",
+                                                                                          required=True)
+    cert.add_parser("rotate", help="issue a new coordinator certificate and revoke the old one")
+
     serve = sub.add_parser("serve", help="run the enrollment endpoint that quil-agent join talks to")
     serve.add_argument("--listen", default="0.0.0.0:7351", help="HOST:PORT to listen on (default 0.0.0.0:7351)")
     serve.add_argument("--advertise", help="HOST:PORT joining hosts dial (default: --listen; required when "
@@ -212,7 +219,7 @@ def cmd_token(args: argparse.Namespace) -> int:
         text, record = tokens.create(home, ttl_seconds=tokens.parse_duration(args.ttl), uses=args.uses,
                                      workers=args.workers, host_name=args.host_name)
         address = advertised_address(home) or "COORDINATOR:7351"
-        ca_hash = pki.spki_sha256(home.file("ca.crt").read_bytes())
+        ca_hash = pki.spki_sha256(home.signing_ca()[1])
         print(f"token {record.id} expires {output.timestamp(record.expires)}, {record.uses_total} use(s). "
               "On the new host run:")
         print(f"quil-agent join {address} --token {text} --ca-hash {ca_hash}")
@@ -222,6 +229,33 @@ def cmd_token(args: argparse.Namespace) -> int:
     else:
         record = tokens.revoke(home, args.token_id)
         print(f"revoked token {record.id}")
+    return ExitCode.OK
+
+
+def cmd_ca(args: argparse.Namespace) -> int:
+    from .rotation import begin_ca_rotation, finish_ca_rotation
+
+    home = _home(args)
+    results = begin_ca_rotation(home) if args.ca_command == "rotate" else finish_ca_rotation(home)
+    for name, outcome in sorted(results.items()):
+        print(f"{name}: {outcome}")
+    failed = [name for name, outcome in results.items() if outcome != "renewed"]
+    if failed:
+        print(f"error: hosts {', '.join(sorted(failed))} were not moved; fix them and run "
+              f"quil-coord ca {args.ca_command} again", file=sys.stderr)
+        return ExitCode.HOST_FAILED
+    if args.ca_command == "rotate":
+        print("every agent trusts both CAs and uses the next one; run quil-coord ca finish to drop the old CA")
+    else:
+        print("CA rotation finished; restart quil-coord serve and share the new --ca-hash from token create")
+    return ExitCode.OK
+
+
+def cmd_cert(args: argparse.Namespace) -> int:
+    from .rotation import rotate_coordinator_cert
+
+    serial = rotate_coordinator_cert(_home(args))
+    print(f"new coordinator certificate {serial}; the old one is revoked on every agent at the next apply")
     return ExitCode.OK
 
 
@@ -286,5 +320,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[Any], int]] = {
     "init": cmd_init, "host": cmd_host, "assign": cmd_assign, "apply": cmd_apply, "status": cmd_status,
-    "demo": cmd_demo, "token": cmd_token, "serve": cmd_serve,
+    "demo": cmd_demo, "token": cmd_token, "serve": cmd_serve, "ca": cmd_ca, "cert": cmd_cert,
 }

@@ -10,6 +10,7 @@ from typing import Callable, Iterable, TypeVar
 import grpc
 
 from ..common import pki, tls
+from ..common.errors import TLSError
 from ..common.exitcodes import ExitCode
 from ..proto import agent_pb2 as pb
 from ..proto import agent_pb2_grpc as pb_grpc
@@ -62,8 +63,16 @@ class Credentials:
 
     def __init__(self, home: Home) -> None:
         home.require()
-        pem = pki.load_pem_files(home.file("coordinator.key"), home.file("coordinator.crt"), home.file("ca.crt"))
-        self.channel_credentials = tls.channel_credentials(pem.key_pem, pem.cert_pem, pem.ca_pem)
+        paths = {name: home.file(name) for name in ("coordinator.key", "coordinator.crt", "ca.crt")}
+        try:
+            key, cert = paths["coordinator.key"].read_bytes(), paths["coordinator.crt"].read_bytes()
+            bundle = home.trust_bundle()
+        except OSError as err:
+            raise TLSError(f"failed to read {err.filename}: {err.strerror}") from err
+        # During a CA rotation the bundle holds both CAs, and agents may serve either.
+        pki.check_pair(key, cert, bundle, key_path=paths["coordinator.key"], cert_path=paths["coordinator.crt"],
+                       ca_path=paths["ca.crt"])
+        self.channel_credentials = tls.channel_credentials(key, cert, bundle)
 
     def stub(self, host: Host) -> tuple[grpc.Channel, pb_grpc.AgentStub]:
         channel = tls.secure_channel(host.agent, self.channel_credentials)

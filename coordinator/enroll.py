@@ -62,7 +62,7 @@ def enroll_host(home: Home, token: tokens.TokenRecord, request: epb.JoinRequest)
         host.serial, host.cert_not_after = pki.serial_hex(cert_pem), pki.not_after(cert_pem)
         inventory.check_unique(hosts + [host])
         home.save_hosts(hosts + [host])
-    return epb.JoinResponse(cert_pem=cert_pem, ca_pem=home.file("ca.crt").read_bytes(), cluster=settings.name,
+    return epb.JoinResponse(cert_pem=cert_pem, ca_pem=home.trust_bundle(), cluster=settings.name,
                             host_name=name, worker_address=address, agent_listen=endpoint)
 
 
@@ -258,7 +258,7 @@ def build_server(home: Home, listen: str, advertise: str) -> EnrollmentServer:
         ips, dns = [str(ipaddress.ip_address(host))], []
     except ValueError:
         ips, dns = [], [host]
-    ca_key, ca_cert = home.file("ca.key").read_bytes(), home.file("ca.crt").read_bytes()
+    ca_key, ca_cert = home.signing_ca()
     key, cert = pki.issue(ca_key, ca_cert, pki.Identity(settings.name, "coordinator", "coordinator"),
                           ip_addresses=ips, dns_names=dns)
     # 2. auto-apply and certificate renewal

@@ -4,6 +4,7 @@
   hosts.yaml        the inventory
   assignment.json   the recorded core assignment and its config generation
   ca.key, ca.crt    the cluster CA (key mode 0600)
+  ca-next.key, ca-next.crt   the new CA while the CA is rotated (both are trusted)
   coordinator.key, coordinator.crt   the coordinator's client certificate
   tokens.json       join tokens, stored as hashes
   revoked.json      serial numbers of revoked certificates
@@ -138,6 +139,23 @@ class Home:
 
     def save_hosts(self, hosts: list[Host]) -> None:
         write_atomic(self.file("hosts.yaml"), dump({"hosts": [h.to_dict() for h in hosts]}), mode=0o600, backup=True)
+
+    # -- certificate authority -----------------------------------------------------
+
+    def rotating(self) -> bool:
+        return self.file("ca-next.crt").exists()
+
+    def signing_ca(self) -> tuple[bytes, bytes]:
+        """Key and certificate of the CA that signs new certificates: the next CA during a rotation."""
+        prefix = "ca-next" if self.rotating() else "ca"
+        return self.file(f"{prefix}.key").read_bytes(), self.file(f"{prefix}.crt").read_bytes()
+
+    def trust_bundle(self) -> bytes:
+        """The CA certificates peers must trust: the current CA, plus the next one during a rotation."""
+        bundle = self.file("ca.crt").read_bytes()
+        if self.rotating():
+            bundle += self.file("ca-next.crt").read_bytes()
+        return bundle
 
     # -- revocation -------------------------------------------------------------
 

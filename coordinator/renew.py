@@ -38,8 +38,12 @@ def is_due(host: Host, lifetime_seconds: float, now: float, rng: Callable[[], fl
     return now >= renew_at
 
 
-def renew_host(home: Home, name: str) -> float:
-    """Renew one host's agent certificate now; return the new expiry time. Raises HostError."""
+def renew_host(home: Home, name: str, ca_bundle: bytes | None = None) -> float:
+    """Renew one host's agent certificate now; return the new expiry time. Raises HostError.
+
+    The agent also receives the CAs to trust: ca_bundle, or by default the
+    current trust bundle (both CAs while the CA is rotated).
+    """
     settings = home.load_settings()
     host = next((h for h in home.load_hosts() if h.name == name), None)
     if host is None:
@@ -48,7 +52,9 @@ def renew_host(home: Home, name: str) -> float:
     try:
         csr = stub.CreateCSR(pb.CreateCSRRequest(), timeout=CALL_TIMEOUT).csr_pem
         cert = sign_agent_csr(home, settings.name, host, csr, settings.agent_cert_days)
-        reply = stub.InstallCertificate(pb.InstallCertificateRequest(cert_pem=cert), timeout=CALL_TIMEOUT)
+        bundle = home.trust_bundle() if ca_bundle is None else ca_bundle
+        request = pb.InstallCertificateRequest(cert_pem=cert, ca_bundle_pem=bundle)
+        reply = stub.InstallCertificate(request, timeout=CALL_TIMEOUT)
     except grpc.RpcError as err:
         raise HostError(name, f"certificate renewal failed ({call_error(err).reason})") from err
     finally:

@@ -122,3 +122,30 @@ def test_removed_host_certificate_is_refused(cluster):
     serial = format(x509.load_pem_x509_certificate(cert).serial_number, "x")
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert err.value.details() == f"client certificate {serial} has been revoked"
+
+
+def test_ca_rotation_keeps_cluster_managed(cluster, capsys):
+    home = Home(cluster.home)
+    old_ca = (cluster.home / "ca.crt").read_bytes()
+    assert cluster.coord("ca", "rotate") == 0
+    assert home.rotating()
+    assert cluster.coord("status") == 0
+    bundle = (cluster.root / "hosts" / "C" / "ca.crt").read_bytes()
+    assert bundle.count(b"BEGIN CERTIFICATE") == 2
+    assert cluster.coord("ca", "finish") == 0
+    assert not home.rotating()
+    new_ca = (cluster.home / "ca.crt").read_bytes()
+    assert new_ca != old_ca
+    assert (cluster.root / "hosts" / "C" / "ca.crt").read_bytes() == new_ca
+    capsys.readouterr()
+    assert cluster.coord("apply", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [h["outcome"] for h in report["hosts"]] == ["unchanged"] * 3
+
+
+def test_coordinator_cert_rotation_revokes_old(cluster):
+    old = x509.load_pem_x509_certificate((cluster.home / "coordinator.crt").read_bytes())
+    assert cluster.coord("cert", "rotate") == 0
+    assert cluster.coord("apply") == 0
+    assert format(old.serial_number, "x") in Home(cluster.home).load_revoked()
+    assert cluster.coord("status") == 0
