@@ -201,11 +201,24 @@ class Supervisor:
             return [self._info(rec, table) for _, rec in sorted(self._records.items())]
 
     def close(self) -> None:
-        """Stop the loop thread; supervised processes keep running."""
+        """Stop the loop thread and release its descriptors; supervised processes keep running."""
         self._closing = True
         self._wake()
         if self._thread.is_alive():
             self._thread.join(5.0)
+        if self._thread.is_alive() or self._wake_r < 0:
+            return  # the loop still uses them, or an earlier close released them
+        with self._lock:
+            for record in self._records.values():
+                if record.pidfd is not None:
+                    os.close(record.pidfd)
+                    record.pidfd = None
+        self._selector.close()
+        wake_r, wake_w = self._wake_r, self._wake_w
+        # -1 makes later _wake() calls no-ops instead of writes to a reused descriptor.
+        self._wake_r = self._wake_w = -1
+        os.close(wake_r)
+        os.close(wake_w)
 
     # -- spawning and stopping ---------------------------------------------
 
@@ -225,7 +238,17 @@ class Supervisor:
             self._record_failure(record, f"spawn failed: {err.strerror or err}")
             log.error("spawn failed: %s (%s)", spec.label, err)
             return
-        record.pidfd = os.pidfd_open(record.popen.pid)
+        try:
+            record.pidfd = os.pidfd_open(record.popen.pid)
+        except OSError as err:
+            # Without a pidfd the exit would go unnoticed, so the process must not run untracked.
+            log.error("spawn failed: %s (pidfd_open: %s); killing pid %d", spec.label, err, record.popen.pid)
+            _signal_group(record.popen.pid, signal.SIGKILL)
+            record.popen.wait()
+            record.popen = None
+            record.state = State.BACKOFF
+            self._record_failure(record, f"spawn failed: pidfd_open: {err.strerror or err}")
+            return
         record.exited.clear()
         record.state = State.STARTING
         record.start_wall = time.time()
@@ -451,6 +474,8 @@ class Supervisor:
         self._table_dirty = False
 
     def _wake(self) -> None:
+        if self._wake_w < 0:
+            return
         try:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:

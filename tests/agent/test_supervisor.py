@@ -96,8 +96,16 @@ def _is_gone(pid: int, create_time: float) -> bool:
         return True
 
 
+def _text(path: Path) -> str:
+    """Return the text of path, or "" while the file does not exist yet."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
 def _read_pid_file(path: Path) -> int:
-    _wait_for(lambda: path.exists() and path.read_text().endswith("\n"), f"{path.name} written")
+    _wait_for(lambda: _text(path).endswith("\n"), f"{path.name} written")
     return int(path.read_text())
 
 
@@ -428,7 +436,7 @@ def test_stop_kills_group_member_ignoring_sigterm(supervisor, tmp_path, caplog):
     child = _read_pid_file(child_pid_file)
     create_time = psutil.Process(child).create_time()
     try:
-        _wait_for(lambda: child_log.read_text() == "ready\n", "SIGTERM ignored in child")
+        _wait_for(lambda: _text(child_log) == "ready\n", "SIGTERM ignored in child")
         with caplog.at_level(logging.WARNING, logger=LOGGER):
             assert supervisor.stop([1]) == [1]
         _wait_for(lambda: _is_gone(child, create_time), "grandchild exit")
@@ -582,7 +590,7 @@ def test_stop_leftovers_kills_group_member(tmp_path):
     child = _read_pid_file(child_pid_file)
     child_time = psutil.Process(child).create_time()
     try:
-        _wait_for(lambda: child_log.read_text() == "ready\n", "SIGTERM ignored in child")
+        _wait_for(lambda: _text(child_log) == "ready\n", "SIGTERM ignored in child")
         row = {"core": 6, "pid": leftover.pid, "create_time": psutil.Process(leftover.pid).create_time(),
                "argv": list(argv)}
         table.write_text(json.dumps([row]))
