@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import socket
+import ssl
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Callable, Iterable, TypeVar
 
 import grpc
+from cryptography import x509
 
 from ..common import pki, tls
 from ..common.errors import TLSError
@@ -73,10 +76,71 @@ class Credentials:
         pki.check_pair(key, cert, bundle, key_path=paths["coordinator.key"], cert_path=paths["coordinator.crt"],
                        ca_path=paths["ca.crt"])
         self.channel_credentials = tls.channel_credentials(key, cert, bundle)
+        self.revoked = frozenset(home.load_revoked())
+        self._paths, self._bundle = paths, bundle
 
     def stub(self, host: Host) -> tuple[grpc.Channel, pb_grpc.AgentStub]:
         channel = tls.secure_channel(host.agent, self.channel_credentials)
-        return channel, pb_grpc.AgentStub(channel)
+        stub = pb_grpc.AgentStub(channel)
+        if self.revoked:
+            return channel, _CheckedStub(stub, lambda: self._check_server(host))  # type: ignore[return-value]
+        return channel, stub
+
+    def _check_server(self, host: Host) -> None:
+        """Raise RevokedPeer when the agent at host.agent presents a revoked certificate.
+
+        gRPC's Python client exposes no hook to see the server's certificate, so
+        this opens one extra mutual-TLS connection before the call. NOTE: it
+        checks that connection, not the one gRPC then opens to the same address.
+        """
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False  # gRPC checks the names; this only reads the serial
+        context.load_verify_locations(cadata=self._bundle.decode())
+        context.load_cert_chain(self._paths["coordinator.crt"], self._paths["coordinator.key"])
+        address, _, port = host.agent.rpartition(":")
+        try:
+            with socket.create_connection((address.strip("[]"), int(port)), timeout=CALL_TIMEOUT) as raw:
+                with context.wrap_socket(raw) as wrapped:
+                    der = wrapped.getpeercert(binary_form=True)
+        except (OSError, ssl.SSLError):
+            return  # the gRPC call reports the connection failure itself
+        serial = format(x509.load_der_x509_certificate(der).serial_number, "x")
+        if serial in self.revoked:
+            raise RevokedPeer(host.name, serial)
+
+
+class RevokedPeer(grpc.RpcError):
+    """Raised instead of a call when the agent presents a revoked certificate."""
+
+    def __init__(self, host: str, serial: str) -> None:
+        super().__init__(f"{host}: agent certificate {serial} has been revoked")
+        self.serial = serial
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAUTHENTICATED
+
+    def details(self) -> str:
+        return f"the agent presents revoked certificate {self.serial}; enroll the host again"
+
+
+class _CheckedStub:
+    """An AgentStub whose calls first check the agent's certificate against the revocation list."""
+
+    def __init__(self, stub: pb_grpc.AgentStub, check: Callable[[], None]) -> None:
+        self._stub = stub
+        self._check = check
+        self._checked = False
+
+    def __getattr__(self, name: str) -> Callable[..., object]:
+        method = getattr(self._stub, name)
+
+        def call(*args: object, **kwargs: object) -> object:
+            if not self._checked:
+                self._check()
+                self._checked = True
+            return method(*args, **kwargs)
+
+        return call
 
 
 def for_each_host(hosts: Iterable[Host], work: Callable[[Host], T]) -> dict[str, T]:

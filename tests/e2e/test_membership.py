@@ -149,3 +149,18 @@ def test_coordinator_cert_rotation_revokes_old(cluster):
     assert cluster.coord("apply") == 0
     assert format(old.serial_number, "x") in Home(cluster.home).load_revoked()
     assert cluster.coord("status") == 0
+
+
+def test_agent_with_revoked_certificate_is_refused(cluster, capsys):
+    home = Home(cluster.home)
+    victim = {h.name: h for h in home.load_hosts()}["C"]
+    with home.locked():
+        home.revoke(victim.serial)
+    capsys.readouterr()
+    code = cluster.coord("status", "--json")
+    hosts = {h["name"]: h for h in json.loads(capsys.readouterr().out)["hosts"]}
+    assert code == 6
+    assert hosts["C"]["reachable"] is False
+    assert hosts["C"]["error"] == (
+        f"unauthenticated: the agent presents revoked certificate {victim.serial}; enroll the host again")
+    assert hosts["A"]["reachable"] is True
