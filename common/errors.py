@@ -37,3 +37,7 @@ class HostError(QuilClusterError):
     def __init__(self, host: str, message: str) -> None:
         super().__init__(f"{host}: {message}")
         self.host = host
+
+
+class UnreachableError(HostError):
+    """Raised when an agent cannot be reached at all."""

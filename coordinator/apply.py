@@ -1,10 +1,13 @@
 """Drive every agent to the recorded assignment.
 
+  0. renew agent certificates that are due
   1. render the canonical config from the control host's config.yml
-  2. phase one, all hosts in parallel: write the config, converge the workers,
+  2. preflight: every reachable agent must bind the address the inventory
+     records, else nothing is applied anywhere
+  3. phase one, all hosts in parallel: write the config, converge the workers,
      hold the control process
-  3. if the control process must (re)start: wait until every worker listens
-  4. phase two, control host only: start or restart the control process
+  4. if the control process must (re)start: wait until every worker listens
+  5. phase two, control host only: start or restart the control process
 A second run right after a successful one changes and restarts nothing.
 """
 
@@ -117,7 +120,16 @@ def _apply(home: Home) -> ApplyReport:
         return apply_request(text, settings.node_generation, assignment.config_generation, cores[host.name],
                              host.control, hold, revoked)
 
-    # 2. phase one
+    # 2. preflight: an agent whose agent.yaml disagrees with the inventory would reject its
+    #    cores after other hosts had already changed, so stop before anyone changes
+    mismatched = _preflight(credentials, hosts)
+    if mismatched:
+        results = {h.name: mismatched.get(h.name) or HostResult(
+            h.name, "skipped", error=f"not applied: {', '.join(sorted(mismatched))} failed the preflight")
+            for h in hosts}
+        return ApplyReport(assignment.config_generation, "", [results[h.name] for h in hosts],
+                           time.monotonic() - started, renewals)
+    # 3. phase one
     results = for_each_host(hosts, lambda h: _call_apply(credentials, h, request(h, hold=True)))
     control = next(h for h in hosts if h.control)
     if results[control.name].control == "held":
@@ -135,17 +147,38 @@ def _release_control(credentials: Credentials, hosts: list[Host], control: Host,
     if failed:
         result.error = f"control process not started: hosts {', '.join(failed)} did not apply"
         return
-    # 3. wait for the workers
+    # 4. wait for the workers
     pending = _wait_workers_listening(credentials, hosts, cores)
     if pending:
         log.warning("starting the control process although cores %s do not listen yet", pending)
-    # 4. phase two
+    # 5. phase two
     second = _call_apply(credentials, control, make_request(control))
     if second.outcome in ("failed", "unreachable"):
         results[control.name] = second
         return
     result.control = second.control
     result.outcome = "changed"
+
+
+def _preflight(credentials: Credentials, hosts: list[Host]) -> dict[str, HostResult]:
+    """Return a failed result for every reachable host whose agent binds another address than recorded."""
+
+    def check(host: Host) -> HostResult | None:
+        channel, stub = credentials.stub(host)
+        try:
+            facts = stub.GetHostFacts(pb.GetHostFactsRequest(), timeout=CALL_TIMEOUT)
+        except grpc.RpcError:
+            return None  # phase one reports it
+        finally:
+            channel.close()
+        if facts.worker_address == host.address:
+            return None
+        message = (f"the agent's worker_address is {facts.worker_address}, the inventory says {host.address};"
+                   f" make them agree (edit agent.yaml on the host, or quil-coord host set {host.name} --address)")
+        return HostResult(host.name, "failed", error=message, exit_code=ExitCode.HOST_FAILED)
+
+    found = for_each_host(hosts, check)
+    return {name: result for name, result in found.items() if result is not None}
 
 
 def _call_apply(credentials: Credentials, host: Host, request: pb.ApplyRequest) -> HostResult:

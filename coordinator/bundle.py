@@ -53,8 +53,11 @@ def write_bundle(home: Home, cluster: str, host: Host, directory: Path, *, days:
     directory = Path(directory)
     if (directory / "agent.key").exists():
         raise StateError(f"{directory}/agent.key already exists; choose an empty --bundle directory")
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     key, cert = issue_agent_cert(home, cluster, host, days)
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as err:
+        raise StateError(f"--bundle {directory}: cannot create the directory ({err.strerror})") from err
     pki.write_private(directory / "agent.key", key)
     pki.write_public(directory / "agent.crt", cert)
     pki.write_public(directory / "ca.crt", home.trust_bundle())

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 from ..common import logsetup, pki
 from ..common.errors import (ConfigError, HostError, InventoryError, QuilClusterError, StateError,
-                             TLSError)
+                             TLSError, UnreachableError)
 from ..common.exitcodes import ExitCode
 from . import cluster, output
 from .home import Home
@@ -25,6 +27,7 @@ EPILOG = """exit status: 0 ok, 1 unexpected error, 2 usage, 3 invalid input or s
 # Expected failures and their exit status; anything else is a bug.
 ERROR_EXIT = (
     (TLSError, ExitCode.TLS),
+    (UnreachableError, ExitCode.UNREACHABLE),
     (HostError, ExitCode.HOST_FAILED),
     (ConfigError, ExitCode.CONFIG),
     (InventoryError, ExitCode.CONFIG),
@@ -148,10 +151,28 @@ def main(argv: list[str] | None = None) -> int:
     except QuilClusterError as err:
         print(f"error: {err}", file=sys.stderr)
         return next(code for kind, code in ERROR_EXIT if isinstance(err, kind))
+    except BrokenPipeError:
+        # The reader of our output went away (quil-coord status | head); nothing left to say.
+        _silence_stdout()
+        return ExitCode.OK
+    except Exception:  # noqa: BLE001 - the last resort for bugs: show them, do not hide them
+        traceback.print_exc()
+        print("error: unexpected failure (a bug in quil-coord); rerun with --debug and report the traceback above",
+              file=sys.stderr)
+        return ExitCode.ERROR
+
+
+def _silence_stdout() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def _home(args: argparse.Namespace) -> Home:
-    return Home.from_env(args.home)
+    """The state directory; every command but init needs it initialized."""
+    home = Home.from_env(args.home)
+    if getattr(args, "command", None) != "init":
+        home.require()
+    return home
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -304,12 +325,15 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import collect
+    from .status import collect, unhealthy
 
     hosts = collect(_home(args))
     print(output.status_json(hosts) if args.json else output.status_table(hosts))
     failing = [h.exit_code for h in hosts if h.exit_code != ExitCode.OK]
-    return max(failing) if failing else ExitCode.OK
+    if failing:
+        return max(failing)
+    # Reachable, but an assigned core is missing, backing off or fatal.
+    return ExitCode.HOST_FAILED if any(unhealthy(h) for h in hosts) else ExitCode.OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -23,7 +23,9 @@ CPUS_UNKNOWN = Callable[[list[Host]], dict[str, int]]
 
 def detect_generation(config: nodeconfig.NodeConfig) -> str:
     """Guess the node generation from the keys a node writes: 2.1 has P2P worker ports, 2.0 a worker count."""
-    engine = config.data.get("engine") or {}
+    engine = config.data.get("engine")
+    if not isinstance(engine, dict):
+        return "1.4"
     if "dataWorkerP2PMultiaddrs" in engine or "dataWorkerBaseP2PPort" in engine:
         return "2.1"
     if "dataWorkerCount" in engine:
@@ -37,14 +39,20 @@ def init(home: Home, control_config: Path, *, name: str, generation: str | None,
     """Create the state directory: settings, cluster CA and the coordinator's certificate."""
     if home.file("cluster.yaml").exists():
         raise StateError(f"{home.path} is already initialized; use another --home for a new cluster")
-    inventory.check_name(name)
+    try:
+        inventory.check_name(name)
+    except InventoryError:
+        raise InventoryError(f"invalid cluster name '{name}': use letters, digits, '.', '_' or '-' "
+                             "(at most 63 characters)") from None
     settings = Settings(name=name, node_generation=generation or "1.4",
                         control_config=str(Path(control_config).resolve()), port_scheme=port_scheme,
                         local=local, auto_apply=auto_apply)
     config = read_control_config(settings)
     settings.node_generation = generation or detect_generation(config)
-    settings.base_port = base_port or DEFAULT_BASE_PORT[settings.node_generation]
-    settings.stream_base_port = stream_base_port or settings.stream_base_port
+    config.worker_lists(settings.node_generation)  # rejects an engine section of the wrong shape
+    settings.base_port = DEFAULT_BASE_PORT[settings.node_generation] if base_port is None else base_port
+    if stream_base_port is not None:
+        settings.stream_base_port = stream_base_port
     settings.validate("init")
     with home.locked():
         ca_key, ca_cert = pki.create_ca(name)
@@ -90,9 +98,10 @@ def set_host(home: Home, name: str, **changes: object) -> Host:
         hosts = home.load_hosts()
         current = _find(hosts, name)
         values = {k: v for k, v in changes.items() if v is not None}
+        # --workers and --reserve replace each other (the parser allows only one).
         if "workers" in values:
             values["reserve"] = None
-        if "reserve" in values:
+        elif "reserve" in values:
             values["workers"] = None
         updated = replace(current, **values)
         _check_host(updated)

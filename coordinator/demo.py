@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterator
 
+from ..common.errors import StateError
 from ..common.exitcodes import ExitCode
 from . import cli
 
@@ -76,9 +77,10 @@ class LocalCluster:
     def start_agent(self, name: str) -> AgentProcess:
         agent = self.agents[name]
         with open(agent.log, "ab") as log:
+            # cwd outside any source checkout, so -m finds the installed package
             agent.process = subprocess.Popen(
                 [sys.executable, "-m", "quil_cluster.agent", "run", "--config", str(agent.config)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.root,
             )
         _wait_port(agent.config, agent.process)
         return agent
@@ -147,7 +149,11 @@ def demo_cluster(root: Path) -> Iterator[LocalCluster]:
 def run_demo(directory: Path | None, keep: bool) -> int:
     """Bring up the demo cluster, show assign, apply, status and a crash restart, then stop it."""
     root = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="quil-demo-"))
+    if directory and (root / "coord").exists():
+        raise StateError(f"{root} holds an earlier demo; pass an empty --dir or none")
     root.mkdir(parents=True, exist_ok=True)
+    # SIGTERM ends the demo like Ctrl-C, so the agents and workers are stopped too.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     print(f"demo files in {root}")
     with demo_cluster(root) as cluster:
         for step in (("assign",), ("apply",), ("status",)):

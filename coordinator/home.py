@@ -61,6 +61,12 @@ class Settings:
         return Ports(self.port_scheme, self.base_port, stream)
 
     def validate(self, source: str) -> None:
+        for key in ("name", "control_config", "node_generation", "port_scheme"):
+            if not isinstance(getattr(self, key), str):
+                raise ConfigError(f"{source}: '{key}' must be a string")
+        for key in ("local", "auto_apply"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{source}: '{key}' must be true or false")
         if self.node_generation not in nodeconfig.GENERATIONS:
             raise ConfigError(f"{source}: node_generation '{self.node_generation}' is not 1.4, 2.0 or 2.1")
         if self.port_scheme not in PORT_SCHEMES:
@@ -102,8 +108,12 @@ class Home:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the state lock so concurrent commands never interleave their writes."""
-        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with open(self.file("lock"), "a") as handle:
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            handle = open(self.file("lock"), "a")
+        except OSError as err:
+            raise StateError(f"{self.path}: cannot use as state directory ({err.strerror})") from err
+        with handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
@@ -117,6 +127,9 @@ class Home:
         path = self.file("cluster.yaml")
         data = read_mapping(path)
         reject_unknown_keys(data, [f.name for f in fields(Settings)], str(path))
+        # An unquoted 1.4 or 2.0 in YAML is a float; the generation is its text.
+        if isinstance(data.get("node_generation"), float):
+            data["node_generation"] = f"{data['node_generation']:.1f}"
         try:
             settings = Settings(**data)
         except TypeError as err:
@@ -183,10 +196,12 @@ class Home:
         path = self.file("assignment.json")
         try:
             data = json.loads(path.read_text())
-            return Assignment(data["config_generation"], slots_from_rows(data["workers"]), data["hosts"])
+            assignment = Assignment(data["config_generation"], slots_from_rows(data["workers"]), data["hosts"])
+            _check_assignment(assignment)
+            return assignment
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise StateError(f"{path}: unreadable assignment ({err}); restore {path}.bak or run assign") from err
 
     def save_assignment(self, assignment: Assignment) -> None:
@@ -196,3 +211,17 @@ class Home:
             "hosts": assignment.hosts,
         }
         write_atomic(self.file("assignment.json"), json.dumps(data, indent=1).encode(), mode=0o600, backup=True)
+
+
+def _check_assignment(assignment: Assignment) -> None:
+    """Raise TypeError or ValueError when a hand-edited assignment.json has the wrong shape."""
+    if isinstance(assignment.config_generation, bool) or not isinstance(assignment.config_generation, int):
+        raise TypeError("config_generation must be a whole number")
+    for slot in assignment.slots:
+        if not (isinstance(slot.core, int) and isinstance(slot.offset, int) and isinstance(slot.host, str)
+                and isinstance(slot.address, str)):
+            raise TypeError(f"worker entry {slot} has fields of the wrong type")
+    if sorted(s.core for s in assignment.slots) != list(range(1, len(assignment.slots) + 1)):
+        raise ValueError("cores are not 1..N without gaps")
+    if not isinstance(assignment.hosts, list) or not all(isinstance(h, dict) for h in assignment.hosts):
+        raise TypeError("hosts must be a list of mappings")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ..common.errors import InventoryError
+from ..common.errors import ConfigError, InventoryError
+from ..common.yamlio import reject_unknown_keys as _reject_unknown_keys
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
+_DNS = re.compile(r"(?=.{1,253}\Z)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
 # Workers on one host; more than this is almost certainly a typo.
 MAX_WORKERS_PER_HOST = 4096
 
@@ -47,6 +49,9 @@ class Host:
         reserve = self.reserve if self.reserve is not None else (1 if self.control else 0)
         if cpus is None:
             raise InventoryError(f"host {self.name}: CPU count unknown; set it with --cpus or --workers")
+        # A count reported by an agent is capped like --cpus, so a bogus answer cannot exhaust memory.
+        if not 1 <= cpus <= MAX_WORKERS_PER_HOST:
+            raise InventoryError(f"host {self.name}: CPU count {cpus} is outside 1-{MAX_WORKERS_PER_HOST}; pass --workers")
         count = cpus - reserve
         if count < 1:
             raise InventoryError(
@@ -74,9 +79,22 @@ def check_address(address: str) -> str:
 
 
 def check_agent(agent: str) -> str:
+    """Validate HOST:PORT (IPv6 in brackets); the host must be a concrete address or a DNS name."""
     host, _, port = agent.rpartition(":")
-    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not host or not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise InventoryError(f"invalid --agent '{agent}': use HOST:PORT with a port from 1 to 65535")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if ":" in host and not bracketed:
+        raise InventoryError(f"invalid --agent '{agent}': write an IPv6 address in brackets, [ADDR]:PORT")
+    bare = host[1:-1] if bracketed else host
+    try:
+        address = ipaddress.ip_address(bare)
+    except ValueError:
+        if not _DNS.match(bare):
+            raise InventoryError(f"invalid --agent '{agent}': '{bare}' is neither an IP address nor a DNS name") from None
+        return agent
+    if address.is_unspecified or address.is_multicast:
+        raise InventoryError(f"invalid --agent '{agent}': the coordinator must dial a concrete address")
     return agent
 
 
@@ -109,14 +127,44 @@ def check_unique(hosts: list[Host]) -> None:
         )
 
 
+_OPTIONAL_INTS = ("workers", "reserve", "cpus")
+
+
 def from_dicts(rows: Any, source: str) -> list[Host]:
+    """Build hosts from hosts.yaml rows, checking every field as host add would."""
     if not isinstance(rows, list):
         raise InventoryError(f"{source}: 'hosts' must be a list")
-    hosts = []
-    for index, row in enumerate(rows):
-        try:
-            hosts.append(Host(**row))
-        except TypeError as err:
-            raise InventoryError(f"{source}: host entry {index + 1} is invalid ({err})") from err
+    hosts = [_host_from_row(row, f"{source}: host entry {index + 1}") for index, row in enumerate(rows)]
     check_unique(hosts)
     return hosts
+
+
+def reject_unknown_keys(row: dict, known: list[str], where: str) -> None:
+    try:
+        _reject_unknown_keys(row, known, where)
+    except ConfigError as err:
+        raise InventoryError(str(err)) from None
+
+
+def _host_from_row(row: Any, where: str) -> Host:
+    if not isinstance(row, dict):
+        raise InventoryError(f"{where}: expected a mapping of host fields")
+    reject_unknown_keys(row, [f.name for f in fields(Host)], where)
+    for key in ("name", "address", "agent"):
+        if not isinstance(row.get(key), str):
+            raise InventoryError(f"{where}: '{key}' must be a string")
+    if not isinstance(row.get("control", False), bool):
+        raise InventoryError(f"{where}: 'control' must be true or false")
+    for key in _OPTIONAL_INTS:
+        value = row.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise InventoryError(f"{where}: '{key}' must be a whole number")
+    host = Host(**row)
+    try:
+        check_name(host.name)
+        host.address = check_address(host.address)
+        check_agent(host.agent)
+        check_counts(host.workers, host.reserve, host.cpus)
+    except InventoryError as err:
+        raise InventoryError(f"{where}: {err}") from None
+    return host

@@ -55,7 +55,7 @@ def assignment_table(rows: list[dict], plan: Plan, generation: int, dry_run: boo
 def apply_lines(report: ApplyReport) -> str:
     lines = [f"{name}: certificate {outcome}" for name, outcome in sorted(report.renewals.items())]
     for host in report.hosts:
-        if host.outcome in ("failed", "unreachable"):
+        if host.outcome in ("failed", "unreachable", "skipped"):
             lines.append(f"{host.name}: {host.outcome.upper()} ({host.error})")
             continue
         parts = [("config written" if host.config_changed else "")]
@@ -67,8 +67,8 @@ def apply_lines(report: ApplyReport) -> str:
             parts.append(host.error)
         detail = "; ".join(p for p in parts if p)
         lines.append(f"{host.name}: {host.outcome}" + (f" ({detail})" if detail else ""))
-    counts = {o: sum(1 for h in report.hosts if h.outcome == o) for o in ("unchanged", "changed", "failed",
-                                                                            "unreachable")}
+    counts = {o: sum(1 for h in report.hosts if h.outcome == o)
+              for o in ("unchanged", "changed", "failed", "unreachable", "skipped")}
     lines.append(", ".join(f"{n} {o}" for o, n in counts.items()) +
                  f"; config generation {report.config_generation}; {report.seconds:.2f} s")
     return "\n".join(lines)

@@ -76,3 +76,9 @@ def _process(p: pb.ProcessStatus, now: float) -> dict:
         "rss_bytes": p.rss_bytes,
         "detail": p.detail,
     }
+
+
+def unhealthy(host: HostStatus) -> bool:
+    """Whether a reachable host lacks a running process for one of its assigned cores."""
+    states = {p["core"]: p["state"] for p in host.processes}
+    return host.reachable and any(states.get(core) not in ("running", "starting") for core in host.expected_cores)

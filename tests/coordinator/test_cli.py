@@ -215,3 +215,100 @@ def test_unreachable_agent_is_reported(home, capsys, tmp_path):
     out = capsys.readouterr().out
     assert code == 5
     assert out.splitlines()[0].startswith("A: UNREACHABLE (unavailable:")
+
+
+def test_host_set_workers_replaces_reserve(home, tmp_path):
+    _add(home, tmp_path, "A", "192.0.2.10", 7350, "--control", "--cpus", "8", "--reserve", "2")
+    assert main(["--home", str(home), "host", "set", "A", "--workers", "3"]) == 0
+    from quil_cluster.coordinator.home import Home
+
+    host = Home(home).load_hosts()[0]
+    assert (host.workers, host.reserve) == (3, None)
+    assert main(["--home", str(home), "host", "set", "A", "--reserve", "1"]) == 0
+    host = Home(home).load_hosts()[0]
+    assert (host.workers, host.reserve) == (None, 1)
+
+
+def test_host_set_worker_count_zero_is_rejected(home, capsys, tmp_path):
+    _add(home, tmp_path, "A", "192.0.2.10", 7350, "--control", "--workers", "3")
+    code, err = _run(home, capsys, "host", "set", "A", "--workers", "0")
+    assert code == 3
+    assert err == "error: invalid worker count 0: use 1 to 4096"
+
+
+@pytest.mark.parametrize("row, message", [
+    ("address: not-an-ip", "host entry 1: invalid --address 'not-an-ip': not an IP address"),
+    ("agent: nope", "host entry 1: invalid --agent 'nope': use HOST:PORT with a port from 1 to 65535"),
+    ("workers: true", "host entry 1: 'workers' must be a whole number"),
+    ("workers: many", "host entry 1: 'workers' must be a whole number"),
+    ("control: 'false'", "host entry 1: 'control' must be true or false"),
+    ("wrokers: 2", "host entry 1: unknown key 'wrokers'; did you mean 'workers'?"),
+])
+def test_hand_edited_hosts_yaml_is_checked(home, capsys, tmp_path, row, message):
+    _add(home, tmp_path, "A", "192.0.2.10", 7350, "--control", "--workers", "3")
+    hosts = home / "hosts.yaml"
+    lines = hosts.read_text().splitlines()
+    key = row.split(":")[0]
+    lines = [line for line in lines if not line.strip().startswith(f"{key}:")] + [f"  {row}"]
+    hosts.write_text("\n".join(lines) + "\n")
+    before = _snapshot(home)
+    code, err = _run(home, capsys, "assign")
+    assert code == 3
+    assert err.startswith(f"error: {hosts}: {message}")
+    assert _snapshot(home) == before
+
+
+def test_corrupt_assignment_json_is_rejected(home, capsys, tmp_path):
+    _add(home, tmp_path, "A", "192.0.2.10", 7350, "--control", "--workers", "2")
+    assert main(["--home", str(home), "assign"]) == 0
+    path = home / "assignment.json"
+    path.write_text(path.read_text().replace('"core": 1', '"core": "one"'))
+    code, err = _run(home, capsys, "apply")
+    assert code == 3
+    assert err.startswith(f"error: {path}: unreadable assignment (")
+    assert err.endswith(f"restore {path}.bak or run assign")
+
+
+@pytest.mark.parametrize("agent, message", [
+    ("0.0.0.0:7350", "the coordinator must dial a concrete address"),
+    ("::1:7350", "write an IPv6 address in brackets, [ADDR]:PORT"),
+    ("bad host:7350", "'bad host' is neither an IP address nor a DNS name"),
+])
+def test_host_add_bad_agent_host_is_rejected(home, capsys, tmp_path, agent, message):
+    code, err = _run(home, capsys, "host", "add", "A", "--address", "192.0.2.10", "--agent", agent,
+                     "--workers", "1", "--bundle", str(tmp_path / "bundles" / "A"))
+    assert code == 3
+    assert err == f"error: invalid --agent '{agent}': {message}"
+    assert not (tmp_path / "bundles" / "A").exists()
+
+
+def test_home_that_is_a_file_is_rejected(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    code, err = _run(target, capsys, "init", "--control-config", str(DATA / "config-1.4.21.yml"))
+    assert code == 3
+    assert err == f"error: {target}: cannot use as state directory (File exists)"
+
+
+def test_unquoted_generation_in_cluster_yaml_loads(home):
+    path = home / "cluster.yaml"
+    path.write_text(path.read_text().replace("node_generation: '1.4'", "node_generation: 1.4"))
+    from quil_cluster.coordinator.home import Home
+
+    assert Home(home).load_settings().node_generation == "1.4"
+
+
+def test_init_rejects_base_port_zero(tmp_path, capsys):
+    code, err = _run(tmp_path / "c", capsys, "init", "--control-config", str(DATA / "config-1.4.21.yml"),
+                     "--base-port", "0")
+    assert code == 3
+    assert err == "error: init: base_port 0 is not a port from 1 to 65535"
+
+
+def test_init_with_non_mapping_engine_is_rejected(tmp_path, capsys):
+    control = tmp_path / "config.yml"
+    control.write_text("engine: 5\n")
+    code, err = _run(tmp_path / "c", capsys, "init", "--control-config", str(control))
+    assert code == 3
+    assert err == f"error: {control}:1: engine must be a mapping of settings, not an integer ('5')"
+    assert not (tmp_path / "c" / "cluster.yaml").exists()

@@ -190,3 +190,19 @@ def test_added_host_appends_cores_and_restarts_only_control(capsys, applied):
     assert {p["core"]: p["pid"] for name in HOSTS for p in after[name]["processes"] if p["core"]} == {
         core: pid for core, pid in pids.items() if core}
     assert next(p["pid"] for p in after["A"]["processes"] if p["core"] == 0) != pids[0]
+
+
+def test_address_mismatch_stops_apply_before_any_change(capsys, applied):
+    config_before = (applied.root / "nodes" / "A" / ".config" / "config.yml").read_bytes()
+    assert applied.coord("host", "set", "B", "--address", "127.0.0.9") == 0
+    assert applied.coord("assign") == 0
+    capsys.readouterr()
+    code = applied.coord("apply")
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 4
+    assert lines[1] == ("B: FAILED (the agent's worker_address is 127.0.0.3, the inventory says 127.0.0.9;"
+                        " make them agree (edit agent.yaml on the host, or quil-coord host set B --address))")
+    assert lines[0] == "A: SKIPPED (not applied: B failed the preflight)"
+    assert (applied.root / "nodes" / "A" / ".config" / "config.yml").read_bytes() == config_before
+    assert applied.coord("host", "set", "B", "--address", "127.0.0.3") == 0
+    assert applied.coord("assign") == 0
