@@ -7,6 +7,10 @@ import os
 # The agent spawns processes; gRPC's fork handlers are not needed for
 # fork+exec and have caused deadlocks, so keep them off before grpc loads.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+# gRPC's C core logs an INFO line for every failed TLS handshake, so anyone who
+# can reach the port could flood the agent's log. Keep its errors only; a
+# GRPC_VERBOSITY set in the environment still wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import argparse  # noqa: E402
 import logging  # noqa: E402

@@ -16,17 +16,21 @@ import ipaddress
 import json
 import logging
 import os
+import reprlib
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import grpc
 
-from ..common import nodeconfig
+from ..common import firewall, nodeconfig
+from ..common.firewall import HostPolicy
 from ..common.errors import ConfigError
 from ..common.states import ALIVE_STATES, State
 from ..common.files import write_atomic
 from .config import AgentConfig
+from .firewalling import FirewallManager
 from .supervisor import ProcessSpec, Supervisor
 
 log = logging.getLogger(__name__)
@@ -57,6 +61,9 @@ class DesiredState:
     control_lists_sha256: str = ""
     # Serial numbers (hex) of revoked certificates, refused by the API.
     revoked_serials: list[str] = field(default_factory=list)
+    # Firewall mode applied last, and the hash of its rules.
+    firewall_mode: str = "off"
+    firewall_sha256: str = ""
 
 
 @dataclass
@@ -67,6 +74,7 @@ class ApplyResult:
     stopped: list[int] = field(default_factory=list)
     restarted: list[int] = field(default_factory=list)
     control: str = "none"  # none, started, restarted, stopped, held
+    firewall_changed: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,9 +89,11 @@ class _Plan:
 class Reconciler:
     """Holds the desired state and applies it, one request at a time."""
 
-    def __init__(self, config: AgentConfig, supervisor: Supervisor) -> None:
+    def __init__(self, config: AgentConfig, supervisor: Supervisor, firewall_manager: FirewallManager | None = None
+                 ) -> None:
         self.config = config
         self.supervisor = supervisor
+        self.firewall = firewall_manager or FirewallManager()
         self.lock = threading.Lock()
         self.desired_path = config.state_dir / "desired.json"
         self.config_path = config.node_config_dir / "config.yml"
@@ -98,14 +108,17 @@ class Reconciler:
 
     def apply(self, config_yaml: bytes, config_sha256: str, config_generation: int, generation: str,
               cores: list[int], run_control: bool, hold_control: bool,
-              revoked_serials: list[str] | None = None) -> ApplyResult:
+              revoked_serials: list[str] | None = None,
+              firewall: tuple[str, HostPolicy | None] = ("off", None)) -> ApplyResult:
         plan = self._plan(config_yaml, config_sha256, generation, cores, run_control)
+        firewall_mode, firewall_policy = self._check_firewall(*firewall)
         if revoked_serials is not None:
             self._set_revoked(revoked_serials)
         result = ApplyResult()
         result.config_changed = self._write_config(plan)
         self._converge_workers(plan, result)
         self._converge_control(plan, run_control, hold_control, result)
+        result.firewall_changed = self._converge_firewall(firewall_mode, firewall_policy)
         self.desired.config_sha256 = plan.config_sha256
         self.desired.config_generation = config_generation
         self.desired.node_generation = generation
@@ -114,7 +127,7 @@ class Reconciler:
         self._save_desired()
         result.changed = bool(
             result.config_changed or result.started or result.stopped or result.restarted
-            or result.control in ("started", "restarted", "stopped")
+            or result.control in ("started", "restarted", "stopped") or result.firewall_changed
         )
         return result
 
@@ -142,7 +155,13 @@ class Reconciler:
         if hashlib.sha256(text).hexdigest() != desired.config_sha256:
             log.error("restore skipped: %s changed since the last apply; run quil-coord apply", self.config_path)
             return
-        plan = self._plan(text, desired.config_sha256, desired.node_generation, desired.cores, desired.run_control)
+        try:
+            plan = self._plan(text, desired.config_sha256, desired.node_generation, desired.cores,
+                              desired.run_control)
+        except RequestError as err:
+            # For example, agent.yaml got another worker_address since the last apply.
+            log.error("restore skipped: %s; run quil-coord apply", err.message)
+            return
         result = ApplyResult()
         self._converge_workers(plan, result)
         self.desired.control_lists_sha256 = ""
@@ -161,7 +180,7 @@ class Reconciler:
             raise RequestError(invalid, "config_sha256 does not match the config content; nothing was written")
         if generation not in nodeconfig.GENERATIONS:
             raise RequestError(invalid, f"unknown node generation '{generation}'; use 1.4, 2.0 or 2.1")
-        if len(cores) > MAX_CORES or len(set(cores)) != len(cores) or any(not 1 <= c <= MAX_CORES for c in cores):
+        if not _valid_cores(cores):
             raise RequestError(invalid, f"cores must be distinct indices from 1 to {MAX_CORES}")
         try:
             text = config_yaml.decode("utf-8")
@@ -264,21 +283,48 @@ class Reconciler:
 
     def _set_revoked(self, serials: list[str]) -> None:
         invalid = grpc.StatusCode.INVALID_ARGUMENT
-        if len(serials) > 100_000 or not all(0 < len(s) <= 64 and all(c in "0123456789abcdef" for c in s)
-                                              for s in serials):
+        if not _valid_serials(serials):
             raise RequestError(invalid, "revoked_serials must be lower-case hex serial numbers")
         self.desired.revoked_serials = sorted(set(serials))
         self._revoked = frozenset(serials)
+
+    def _check_firewall(self, mode: str, policy: HostPolicy | None) -> tuple[str, HostPolicy | None]:
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        mode = mode or "off"
+        if mode not in firewall.MODES:
+            raise RequestError(invalid, f"unknown firewall mode '{mode}'; use off, nftables or ufw")
+        if mode == "off":
+            return mode, None
+        if policy is None:
+            raise RequestError(invalid, f"firewall mode {mode} needs the port rules")
+        if policy.address != self.config.worker_address:
+            raise RequestError(invalid, f"firewall policy is for address {policy.address}, but this host's "
+                                        f"worker_address is {self.config.worker_address}")
+        try:
+            firewall.validate(policy)
+        except ConfigError as err:
+            raise RequestError(invalid, str(err)) from err
+        return mode, policy
+
+    def _converge_firewall(self, mode: str, policy: HostPolicy | None) -> bool:
+        current = (self.desired.firewall_mode, self.desired.firewall_sha256)
+        try:
+            applied = self.firewall.converge(mode, policy, current)
+        except firewall.FirewallError as err:
+            # The processes already follow the new state; report the firewall failure to the caller.
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"firewall not updated: {err}") from err
+        self.desired.firewall_mode, self.desired.firewall_sha256 = applied
+        self._save_desired()
+        return applied != current
 
     # -- persistence -----------------------------------------------------------------
 
     def _load_desired(self) -> DesiredState:
         try:
-            data = json.loads(self.desired_path.read_text())
-            return DesiredState(**data)
+            return _desired_from_json(json.loads(self.desired_path.read_text()))
         except FileNotFoundError:
             return DesiredState()
-        except (OSError, ValueError, TypeError) as err:
+        except (OSError, ValueError) as err:
             log.error("desired state %s unreadable (%s); waiting for the coordinator", self.desired_path, err)
             return DesiredState()
 
@@ -286,6 +332,58 @@ class Reconciler:
         write_atomic(self.desired_path, json.dumps(asdict(self.desired), indent=1).encode(), mode=0o600)
 
 
+def _is_int(value: Any) -> bool:
+    # bool is a subclass of int, but JSON true is no number.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _valid_cores(cores: Any) -> bool:
+    """Tell whether cores is a list of distinct core indices from 1 to MAX_CORES."""
+    if not isinstance(cores, list) or len(cores) > MAX_CORES:
+        return False
+    return all(_is_int(c) and 1 <= c <= MAX_CORES for c in cores) and len(set(cores)) == len(cores)
+
+
+def _valid_serials(serials: Any) -> bool:
+    """Tell whether serials is a list of at most 100000 certificate serial numbers in lower-case hex."""
+    return isinstance(serials, list) and len(serials) <= 100_000 and all(
+        isinstance(s, str) and 0 < len(s) <= 64 and all(c in "0123456789abcdef" for c in s) for s in serials
+    )
+
+
+# Expected content of each desired.json key: its description for errors, and its check.
+_DESIRED_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "config_sha256": ("a string", lambda value: isinstance(value, str)),
+    "config_generation": ("an integer of at least 0", lambda value: _is_int(value) and value >= 0),
+    "node_generation": ("'', '1.4', '2.0' or '2.1'", lambda value: value in ("", *nodeconfig.GENERATIONS)),
+    "cores": (f"a list of distinct core indices from 1 to {MAX_CORES}", _valid_cores),
+    "run_control": ("true or false", lambda value: isinstance(value, bool)),
+    "control_lists_sha256": ("a string", lambda value: isinstance(value, str)),
+    "revoked_serials": ("a list of lower-case hex serial numbers", _valid_serials),
+    "firewall_mode": ("off, nftables or ufw", lambda value: value in ("off", "nftables", "ufw")),
+    "firewall_sha256": ("a string", lambda value: isinstance(value, str)),
+}
+
+
+def _desired_from_json(data: Any) -> DesiredState:
+    """Build a DesiredState from parsed desired.json; raise ValueError naming the first invalid key.
+
+    A key missing from the file keeps its default.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, found {type(data).__name__}")
+    for key, value in data.items():
+        if key not in _DESIRED_TYPES:
+            raise ValueError(f"unknown key {reprlib.repr(key)}")
+        expected, valid = _DESIRED_TYPES[key]
+        if not valid(value):
+            raise ValueError(f"'{key}' must be {expected}, not {reprlib.repr(value)}")
+    return DesiredState(**data)
+
+
 def generation_name(value: int) -> str:
-    """Map the NodeGeneration enum number to '1.4', '2.0' or '2.1' ('' when unknown)."""
-    return {1: "1.4", 2: "2.0", 3: "2.1"}.get(value, "")
+    """Map the NodeGeneration enum number to '1.4', '2.0' or '2.1'; raise RequestError for any other number."""
+    name = {1: "1.4", 2: "2.0", 3: "2.1"}.get(value)
+    if name is None:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown node generation {value}; use 1.4, 2.0 or 2.1")
+    return name

@@ -18,12 +18,14 @@ import psutil
 
 from .. import __version__
 from ..common import tls
+from ..common.firewall import HostPolicy, PortRule
 from ..common.errors import ConfigError
 from ..common.states import State
 from ..proto import agent_pb2 as pb
 from ..proto import agent_pb2_grpc as pb_grpc
 from .config import AgentConfig
 from .identity import AgentIdentity, InstallError
+from .probe import ProbeError, probe_all
 from .reconcile import CONTROL, Reconciler, RequestError, generation_name
 from .supervisor import Policy, ProcessInfo, Supervisor, stop_leftovers
 
@@ -41,17 +43,27 @@ POLICY = {
     _SERVICE + "StopAll": _WRITERS,
     _SERVICE + "CreateCSR": _WRITERS,
     _SERVICE + "InstallCertificate": _WRITERS,
+    _SERVICE + "Probe": _WRITERS,
 }
 
 # Bounds on what one client can make the server hold.
 MAX_RECEIVE_BYTES = 2 * 1024 * 1024
 MAX_SEND_BYTES = 16 * 1024 * 1024
 MAX_CONCURRENT_RPCS = 64
-MAX_WATCHERS = 8
-# Longest a WatchStatus stream runs; the client opens a new one after it.
-MAX_WATCH_SECONDS = 3600.0
+# Threads that run RPC handlers; further calls wait for a free one, up to MAX_CONCURRENT_RPCS in all.
+RPC_THREADS = 16
+# Status watches each role may hold at once. A watch keeps one RPC thread busy
+# while it runs, so the pools together leave half the threads for other calls.
+# Each role has its own pool, so observers cannot lock the coordinator out.
+WATCH_SLOTS = {"coordinator": 4, "observer": 4}
+# Maximum seconds one WatchStatus stream runs; the client then opens a new one.
+MAX_WATCH_SECONDS = 600.0
 
 _STATE_ENUM = {state: pb.ProcessState.Value(f"PROCESS_STATE_{state.name}") for state in State}
+_PROBE_ENUM = {
+    "open": pb.PROBE_OUTCOME_OPEN, "refused": pb.PROBE_OUTCOME_REFUSED, "timeout": pb.PROBE_OUTCOME_TIMEOUT,
+    "error": pb.PROBE_OUTCOME_ERROR,
+}
 _CONTROL_ENUM = {
     "none": pb.CONTROL_ACTION_NONE, "started": pb.CONTROL_ACTION_STARTED,
     "restarted": pb.CONTROL_ACTION_RESTARTED, "stopped": pb.CONTROL_ACTION_STOPPED,
@@ -64,7 +76,7 @@ class AgentService(pb_grpc.AgentServicer):
         self.config = config
         self.reconciler = reconciler
         self.identity = identity
-        self._watchers = threading.BoundedSemaphore(MAX_WATCHERS)
+        self._watch_slots = {role: threading.BoundedSemaphore(count) for role, count in WATCH_SLOTS.items()}
         self._binary_hash: tuple[tuple[int, int], str] | None = None
 
     def GetHostFacts(self, request: pb.GetHostFactsRequest, context: grpc.ServicerContext) -> pb.HostFacts:
@@ -88,7 +100,7 @@ class AgentService(pb_grpc.AgentServicer):
             result = self.reconciler.apply(
                 bytes(request.config_yaml), request.config_sha256, request.config_generation,
                 generation_name(request.node_generation), list(request.cores), request.run_control,
-                request.hold_control, list(request.revoked_serials),
+                request.hold_control, list(request.revoked_serials), _firewall_of(request),
             )
         except RequestError as err:
             log.warning("apply rejected: %s (from %s)", err.message, context.peer())
@@ -98,6 +110,7 @@ class AgentService(pb_grpc.AgentServicer):
         return pb.ApplyResponse(
             changed=result.changed, config_changed=result.config_changed, started=result.started,
             stopped=result.stopped, restarted=result.restarted, control=_CONTROL_ENUM[result.control],
+            firewall_changed=result.firewall_changed,
         )
 
     def StopAll(self, request: pb.StopAllRequest, context: grpc.ServicerContext) -> pb.StopAllResponse:
@@ -109,8 +122,17 @@ class AgentService(pb_grpc.AgentServicer):
 
     def WatchStatus(self, request: pb.WatchStatusRequest,
                     context: grpc.ServicerContext) -> Iterator[pb.StatusResponse]:
-        if not self._watchers.acquire(blocking=False):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_WATCHERS} status watches at once")
+        identity = tls.peer_identity(context)
+        role = identity.role if identity is not None else ""
+        slots = self._watch_slots.get(role)
+        if slots is None:
+            # AuthorizationInterceptor lets only roles in POLICY call WatchStatus.
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"role '{role}' has no status watch slots")
+        if not slots.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"at most {WATCH_SLOTS[role]} status watches at once for role '{role}'; close one and retry",
+            )
         try:
             interval = min(60.0, max(0.2, request.interval_seconds or 1.0))
             end = time.monotonic() + MAX_WATCH_SECONDS
@@ -118,7 +140,7 @@ class AgentService(pb_grpc.AgentServicer):
                 yield self._status()
                 time.sleep(interval)
         finally:
-            self._watchers.release()
+            slots.release()
 
     def CreateCSR(self, request: pb.CreateCSRRequest, context: grpc.ServicerContext) -> pb.CreateCSRResponse:
         return pb.CreateCSRResponse(csr_pem=self.identity.create_csr())
@@ -131,6 +153,17 @@ class AgentService(pb_grpc.AgentServicer):
             log.warning("certificate install rejected: %s (from %s)", err, context.peer())
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         return pb.InstallCertificateResponse(not_after=not_after, serial=serial)
+
+    def Probe(self, request: pb.ProbeRequest, context: grpc.ServicerContext) -> pb.ProbeResponse:
+        targets = [(t.address, t.port) for t in request.targets]
+        try:
+            outcomes = probe_all(targets, request.timeout_seconds)
+        except ProbeError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        return pb.ProbeResponse(results=[
+            pb.ProbeResult(target=target, outcome=_PROBE_ENUM[outcome], detail=detail)
+            for target, (outcome, detail) in zip(request.targets, outcomes)
+        ])
 
     def _status(self) -> pb.StatusResponse:
         desired = self.reconciler.desired
@@ -153,12 +186,21 @@ class AgentService(pb_grpc.AgentServicer):
         return self._binary_hash[1]
 
 
+def _firewall_of(request: pb.ApplyRequest) -> tuple[str, HostPolicy | None]:
+    spec = request.firewall
+    if not spec.mode or spec.mode == "off":
+        return "off", None
+    rules = tuple(PortRule(ports=tuple(r.ports), sources=tuple(r.sources), purpose=r.purpose) for r in spec.rules)
+    return spec.mode, HostPolicy(host=spec.host, address=spec.address, rules=rules)
+
+
 def _process_status(info: ProcessInfo) -> pb.ProcessStatus:
     return pb.ProcessStatus(
         core=info.core, pid=info.pid, state=_STATE_ENUM[info.state], start_time=info.start_time,
         restarts=info.restarts, has_last_exit=info.last_exit is not None,
         last_exit_status=info.last_exit or 0, cpu_percent=info.cpu_percent, rss_bytes=info.rss_bytes,
         listen_address=info.listen_address, listening=info.listening, detail=info.detail,
+        listen_sockets=info.listen_sockets,
     )
 
 
@@ -188,25 +230,42 @@ class Agent:
         self.supervisor.close()
 
 
+def _make_directories(config: AgentConfig) -> None:
+    """Create the state and log directories (owner only); raise ConfigError naming a path that fails."""
+    for directory, what in ((config.state_dir, "state directory"), (config.log_dir, "log directory")):
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as err:
+            reason = "it exists and is not a directory" if isinstance(err, FileExistsError) else err.strerror or str(err)
+            raise ConfigError(
+                f"{directory}: cannot create the agent's {what} ({reason}); "
+                "set state_dir in agent.yaml to a directory the agent can create and write"
+            ) from err
+
+
 def build_server(config: AgentConfig) -> Agent:
     """Assemble and start the agent, in order:
 
-    1. check the TLS files and bind the API port, so a bad setup fails
-       before any node process starts
-    2. create the state and log directories (owner only)
+    1. check the TLS files and create the state and log directories (owner
+       only), so a bad setup fails before any node process starts
+    2. bind the API port, after the checks of step 1, because gRPC
+       releases a bound port only once the server has started and stopped
     3. stop processes an earlier run of this agent left behind
     4. start the supervisor loop and restore the persisted desired state
     5. serve the Agent API over mutual TLS with per-method authorization
     """
-    # 1. TLS files and port
+    # 1. TLS files and directories
     identity = AgentIdentity(config)
+    _make_directories(config)
+
+    # 2. port
     reconciler_ref: list[Reconciler] = []
 
     def revoked() -> frozenset[str]:
         return reconciler_ref[0].revoked if reconciler_ref else frozenset()
 
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rpc"),
+        futures.ThreadPoolExecutor(max_workers=RPC_THREADS, thread_name_prefix="rpc"),
         interceptors=[tls.AuthorizationInterceptor(config.cluster, POLICY, revoked=revoked)],
         options=[
             ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
@@ -219,10 +278,6 @@ def build_server(config: AgentConfig) -> Agent:
         port = server.add_secure_port(config.listen, identity.server_credentials())
     except RuntimeError as err:
         raise ConfigError(f"cannot listen on {config.listen} ({err}); is another agent running there?") from err
-
-    # 2. directories
-    for directory in (config.state_dir, config.log_dir):
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     # 3. leftovers
     policy = Policy(start_seconds=config.start_seconds, stop_grace_seconds=config.stop_grace_seconds,

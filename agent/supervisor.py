@@ -104,6 +104,8 @@ class ProcessInfo:
     listen_address: str
     listening: bool
     detail: str
+    # "ip:port" of every TCP socket the process listens on.
+    listen_sockets: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -401,12 +403,13 @@ class Supervisor:
     # -- status, logs and the persisted table -------------------------------
 
     def _info(self, record: _Record, table: set[tuple[str, int]]) -> ProcessInfo:
-        cpu, rss = 0.0, 0
+        cpu, rss, sockets = 0.0, 0, []
         if record.ps is not None and record.state in ALIVE_STATES:
             try:
                 with record.ps.oneshot():
                     cpu = record.ps.cpu_percent(None)
                     rss = record.ps.memory_info().rss
+                sockets = _listen_sockets(record.ps)
             except psutil.Error:
                 pass
         listen = record.spec.listen
@@ -416,7 +419,7 @@ class Supervisor:
             restarts=record.restarts, last_exit=record.last_exit, cpu_percent=cpu, rss_bytes=rss,
             listen_address=record.spec.listen_multiaddr,
             listening=bool(listen and record.state in ALIVE_STATES and listeners.is_listening(*listen, table)),
-            detail=record.detail,
+            detail=record.detail, listen_sockets=sockets,
         )
 
     def _rotate_logs(self, now: float) -> float:
@@ -461,7 +464,8 @@ class Supervisor:
         if not self._table_dirty:
             return
         rows = [
-            {"core": r.spec.core, "pid": r.popen.pid, "create_time": r.create_time, "argv": list(r.spec.argv)}
+            {"core": r.spec.core, "pid": r.popen.pid, "create_time": r.create_time, "argv": list(r.spec.argv),
+             "instance": self._instance_id}
             for r in self._records.values()
             if r.popen is not None and r.state in ALIVE_STATES
         ]
@@ -486,8 +490,11 @@ def stop_leftovers(table_path: Path, grace: float) -> list[int]:
     """Stop processes an earlier agent run started and left behind.
 
     A row counts as ours only when a process with that pid exists, has the
-    recorded create time and the recorded command line; anything else is a
-    reused pid and is left alone. Returns the cores stopped.
+    recorded create time, and either has the recorded command line or carries
+    MARKER_ENV with the recorded instance id in its environment. The marker
+    covers a node binary that is a script which execs another program, because
+    the exec changes the command line but keeps the environment. Any other row
+    is a reused pid and is left alone. Returns the cores stopped.
     """
     try:
         rows = json.loads(table_path.read_text())
@@ -513,14 +520,29 @@ def stop_leftovers(table_path: Path, grace: float) -> list[int]:
 
 
 def _match(row: dict) -> psutil.Process | None:
+    """Return the process of a process table row if an earlier run started it, else None."""
     try:
         proc = psutil.Process(int(row["pid"]))
-        if abs(proc.create_time() - float(row["create_time"])) > 0.5 or proc.cmdline() != row["argv"]:
+        if abs(proc.create_time() - float(row["create_time"])) > 0.5:
             return None
+        if proc.cmdline() != row["argv"] and not _has_marker(proc, row.get("instance")):
+            return None
+        proc.info_core = int(row.get("core", -1))  # type: ignore[attr-defined]
     except (psutil.Error, KeyError, TypeError, ValueError):
         return None
-    proc.info_core = int(row.get("core", -1))  # type: ignore[attr-defined]
     return proc
+
+
+def _has_marker(proc: psutil.Process, instance: object) -> bool:
+    """Tell whether proc's environment sets MARKER_ENV to instance, a non-empty string."""
+    if not isinstance(instance, str) or not instance:
+        return False
+    try:
+        return proc.environ().get(MARKER_ENV) == instance
+    except psutil.AccessDenied:
+        # NOTE: Linux hides the environment of another user's process and of a process
+        # that gained privileges through exec, so such a row matches only by argv.
+        return False
 
 
 def _running_groups(pgids: set[int]) -> set[int]:
@@ -548,6 +570,16 @@ def _wait_groups(pgids: set[int], deadline: float) -> set[int]:
         time.sleep(0.05)
         running = _running_groups(running)
     return running
+
+
+def _listen_sockets(process: psutil.Process) -> list[str]:
+    """'ip:port' of the process's listening TCP sockets (its own, not its children's)."""
+    found = set()
+    for conn in process.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN:
+            ip, port = conn.laddr.ip, conn.laddr.port
+            found.add(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}")
+    return sorted(found)
 
 
 def _signal_group(pid: int, sig: int) -> None:

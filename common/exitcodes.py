@@ -19,5 +19,7 @@ class ExitCode(enum.IntEnum):
     UNREACHABLE = 5
     # A certificate is missing, expired or not trusted, or a call was not authorized.
     TLS = 6
+    # quil-coord verify measured a port reachable that must not be, or the reverse.
+    VIOLATION = 7
     # Interrupted by Ctrl-C (128 + SIGINT).
     INTERRUPTED = 130

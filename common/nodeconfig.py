@@ -70,6 +70,13 @@ _KIND_NAMES = {
 # yaml.v2 indents a nested mapping by two spaces.
 _INDENT = 2
 
+# Maximum number of values that aliases may repeat in one config, counted as if
+# each alias were replaced by a copy of its anchor's value. Code that walks the loaded
+# data without tracking shared values (a comparison, json.dumps) pays for every
+# copy, and nine levels of ten aliases each repeat 10^9 values in under 500
+# bytes. A node config needs no aliases.
+MAX_ALIASED_VALUES = 100_000
+
 # A value that render() writes: a worker list, dataWorkerCount, or a new engine section.
 Value = Union[list[str], int, dict[str, "Value"]]
 
@@ -113,10 +120,21 @@ class NodeConfig:
 
 
 def load(text: str, source: str = "config.yml") -> NodeConfig:
-    """Parse config.yml text, rejecting broken YAML, duplicate keys and a top level that is not a mapping."""
-    tree = _compose(text, source)
-    _reject_duplicates(tree, source)
-    return NodeConfig(text, source, _construct(text, tree, source), tree)
+    """Parse config.yml text, rejecting broken YAML, duplicate keys and a top level that is not a mapping.
+
+    Recursive aliases, and aliases that repeat more than MAX_ALIASED_VALUES
+    values, are rejected too.
+    """
+    try:
+        tree = _compose(text, source)
+        _reject_duplicates(tree, source)
+        data = _construct(text, tree, source)
+    except RecursionError as err:
+        # PyYAML composes nested lists and mappings by recursion, a few Python frames per level.
+        raise ConfigError(
+            f"{source}: invalid YAML: lists or mappings nested too deeply to parse; a node config has a few levels"
+        ) from err
+    return NodeConfig(text, source, data, tree)
 
 
 def worker_addresses(cfg: NodeConfig, generation: str) -> dict[int, WorkerAddress]:
@@ -157,9 +175,61 @@ def sha256_hex(text: str | bytes) -> str:
 # Loading
 
 
+class _AliasCheckingLoader(yaml.SafeLoader):
+    """SafeLoader whose composer rejects recursive aliases and counts the values that aliases repeat.
+
+    The composer turns an alias into a second reference to its anchor's node,
+    so the tree stays small. Each finished node's expanded size (the node plus
+    everything below it, aliases counted in full) is recorded, which makes the
+    count linear in the size of the text.
+    """
+
+    def __init__(self, stream: str, source: str) -> None:
+        super().__init__(stream)
+        self.source = source
+        self.aliased_values = 0
+        # id() of each finished node -> its expanded size. An anchor whose node has
+        # no entry yet is still being composed, so an alias to it is recursive.
+        self._sizes: dict[int, int] = {}
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        if self.check_event(yaml.AliasEvent):
+            return self._compose_alias(parent, index)
+        node = super().compose_node(parent, index)
+        self._sizes[id(node)] = 1 + sum(self._sizes[id(child)] for child in _children(node))
+        return node
+
+    def _compose_alias(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        where = f"{self.source}:{event.start_mark.line + 1}"
+        node = super().compose_node(parent, index)  # raises ComposerError for an undefined alias
+        size = self._sizes.get(id(node))
+        if size is None:
+            raise ConfigError(
+                f"{where}: alias '*{event.anchor}' refers to the list or mapping that contains it "
+                "(a recursive value); write the values out in place"
+            )
+        self.aliased_values += size
+        if self.aliased_values > MAX_ALIASED_VALUES:
+            raise ConfigError(
+                f"{where}: aliases repeat more than {MAX_ALIASED_VALUES} values once this one is expanded; "
+                "a node config needs no aliases, so write the values out in place"
+            )
+        return node
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    """Return the nodes directly below node: list items, or mapping keys and values."""
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
 def _compose(text: str, source: str) -> yaml.MappingNode:
     try:
-        tree = yaml.compose(text, Loader=yaml.SafeLoader)
+        tree = _compose_checked(text, source)
     except yaml.YAMLError as err:
         raise ConfigError(_yaml_message(err, text, source)) from err
     expected = "expected a mapping with sections such as 'engine:'"
@@ -168,6 +238,14 @@ def _compose(text: str, source: str) -> yaml.MappingNode:
     if not isinstance(tree, yaml.MappingNode):
         raise ConfigError(f"{source}:{tree.start_mark.line + 1}: the top level is {_describe(tree)}; {expected}")
     return tree
+
+
+def _compose_checked(text: str, source: str) -> yaml.Node | None:
+    loader = _AliasCheckingLoader(text, source)  # the reader checks for forbidden characters here
+    try:
+        return loader.get_single_node()
+    finally:
+        loader.dispose()
 
 
 def _yaml_message(err: yaml.YAMLError, text: str, source: str) -> str:
@@ -232,19 +310,22 @@ def _construct(text: str, tree: yaml.Node, source: str) -> dict[Any, Any]:
 
 
 def _first_bad_scalar(tree: yaml.Node) -> yaml.ScalarNode | None:
+    """Return the first scalar, in document order, that PyYAML cannot construct."""
     constructor = yaml.SafeLoader("")
     stack = [tree]
+    visited: set[int] = set()  # an alias shares the node of its anchor, so each node is tried once
     while stack:
         node = stack.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
         if isinstance(node, yaml.ScalarNode):
             try:
                 constructor.construct_object(node)
             except (ValueError, yaml.YAMLError):
                 return node
-        elif isinstance(node, yaml.MappingNode):
-            stack.extend(reversed([part for pair in node.value for part in pair]))
-        elif isinstance(node, yaml.SequenceNode):
-            stack.extend(reversed(node.value))
+        else:
+            stack.extend(reversed(_children(node)))
     return None
 
 

@@ -1,7 +1,8 @@
 """Lifecycle states of one supervised process.
 
 The names match the ProcessState enum of proto/agent.proto without its
-PROCESS_STATE_ prefix; tests/common/test_states.py checks that they agree.
+PROCESS_STATE_ prefix; tests/test_proto.py::test_states_match_process_state_enum
+checks that they agree.
 
   STOPPED  -> STARTING   spawned
   STARTING -> RUNNING    stayed up for the start time, or listens on its address

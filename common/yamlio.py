@@ -46,6 +46,11 @@ def load_mapping(text: str, source: str) -> dict[str, Any]:
         raise ConfigError(f"{source}:{line}: invalid YAML: {err.problem}; fix the syntax at that line") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: invalid YAML: {err}") from err
+    except RecursionError as err:
+        # PyYAML composes nested lists and mappings by recursion, a few Python frames per level.
+        raise ConfigError(
+            f"{source}: invalid YAML: lists or mappings nested too deeply to parse; this file needs a few levels"
+        ) from err
     finally:
         loader.dispose()
     if data is None:

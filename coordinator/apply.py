@@ -26,7 +26,9 @@ import grpc
 from ..common.errors import InventoryError
 from ..common.exitcodes import ExitCode
 from ..proto import agent_pb2 as pb
-from .client import APPLY_TIMEOUT, CALL_TIMEOUT, CallError, Credentials, apply_request, call_error, for_each_host
+from .client import (APPLY_TIMEOUT, CALL_TIMEOUT, CallError, Credentials, apply_request, call_error,
+                     firewall_message, for_each_host)
+from .policy import host_policy
 from .cluster import check_assignment_current
 from .home import Home
 from .inventory import Host
@@ -53,6 +55,7 @@ class HostResult:
     stopped: list[int] = field(default_factory=list)
     restarted: list[int] = field(default_factory=list)
     control: str = "none"
+    firewall_changed: bool = False
     error: str = ""
     exit_code: ExitCode = ExitCode.OK
 
@@ -108,17 +111,22 @@ def _apply(home: Home) -> ApplyReport:
     renewals = renew_due(home)
     with home.locked():
         settings = home.load_settings()
-        hosts = home.load_hosts()
-        assignment = check_assignment_current(home, home.load_assignment(), hosts)
+        everyone = home.load_hosts()
+        assignment = check_assignment_current(home, home.load_assignment(), everyone)
         revoked = home.load_revoked()
+    # Probe-only hosts run no node processes and get no config.
+    hosts = [h for h in everyone if not h.probe_only]
     # 1. render
     text = render(settings, assignment.slots)
     cores = {h.name: sorted(s.core for s in assignment.slots if s.host == h.name) for h in hosts}
     credentials = Credentials(home)
 
+    firewalls = {h.name: firewall_message(h.firewall, host_policy(settings, hosts, assignment.slots, h))
+                 for h in hosts}
+
     def request(host: Host, hold: bool) -> pb.ApplyRequest:
         return apply_request(text, settings.node_generation, assignment.config_generation, cores[host.name],
-                             host.control, hold, revoked)
+                             host.control, hold, revoked, firewalls[host.name])
 
     # 2. preflight: an agent whose agent.yaml disagrees with the inventory would reject its
     #    cores after other hosts had already changed, so stop before anyone changes
@@ -193,6 +201,7 @@ def _call_apply(credentials: Credentials, host: Host, request: pb.ApplyRequest) 
     return HostResult(
         name=host.name, outcome="changed" if reply.changed else "unchanged", config_changed=reply.config_changed,
         started=list(reply.started), stopped=list(reply.stopped), restarted=list(reply.restarted), control=control,
+        firewall_changed=reply.firewall_changed,
     )
 
 

@@ -22,7 +22,8 @@ from .inventory import Host
 log = logging.getLogger(__name__)
 
 EPILOG = """exit status: 0 ok, 1 unexpected error, 2 usage, 3 invalid input or state,
-4 a host failed, 5 a host unreachable, 6 TLS or authorization, 130 interrupted"""
+4 a host failed, 5 a host unreachable, 6 TLS or authorization, 7 verify found a violation,
+130 interrupted"""
 
 # Expected failures and their exit status; anything else is a bug.
 ERROR_EXIT = (
@@ -67,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     apply = sub.add_parser("apply", help="push the config and drive every agent to the recorded assignment")
     apply.add_argument("--json", action="store_true", help="print JSON instead of lines")
     apply.add_argument("--wait", action="store_true", help="wait for a running apply to finish instead of failing")
+    apply.add_argument("--no-verify", action="store_true", help="do not run verify after the apply")
+
+    verify = sub.add_parser("verify", help="measure which hosts reach which worker ports, against the policy")
+    verify.add_argument("--json", action="store_true", help="print JSON instead of the grid")
+
+    firewall = sub.add_parser("firewall", help="firewall rules for the worker ports").add_subparsers(
+        dest="firewall_command", required=True)
+    show = firewall.add_parser("show", help="print the nftables and ufw rules each host gets")
+    show.add_argument("--host", help="only this host")
 
     status = sub.add_parser("status", help="show every host's processes")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -98,6 +108,10 @@ def _add_host_parsers(sub: argparse._SubParsersAction) -> None:
     add.add_argument("--address", required=True, help="IP address the host's workers bind")
     add.add_argument("--agent", required=True, help="HOST:PORT of the host's agent")
     add.add_argument("--control", action="store_true", help="this host runs the control process")
+    add.add_argument("--probe-only", action="store_true",
+                     help="this host runs no node processes; verify probes worker ports from it")
+    add.add_argument("--firewall", choices=("off", "nftables", "ufw"), default="off",
+                     help="firewall the agent manages for the host's worker ports (default off)")
     _add_count_options(add)
     add.add_argument("--node-binary", help="node binary path on the host (written to agent.yaml)")
     add.add_argument("--node-config-dir", help="node config directory on the host (written to agent.yaml)")
@@ -116,6 +130,8 @@ def _add_host_parsers(sub: argparse._SubParsersAction) -> None:
     change.add_argument("--address")
     change.add_argument("--agent")
     change.add_argument("--control", action=argparse.BooleanOptionalAction, default=None)
+    change.add_argument("--firewall", choices=("off", "nftables", "ufw"),
+                        help="firewall the agent manages for the host's worker ports")
     _add_count_options(change)
 
 
@@ -189,7 +205,8 @@ def cmd_host(args: argparse.Namespace) -> int:
     home = _home(args)
     if args.host_command == "add":
         host = Host(name=args.name, address=args.address, agent=args.agent, control=args.control,
-                    workers=args.workers, reserve=args.reserve, cpus=args.cpus)
+                    workers=args.workers, reserve=args.reserve, cpus=args.cpus, probe_only=args.probe_only,
+                    firewall=args.firewall)
         path = cluster.add_host(home, host, args.bundle, node_binary=args.node_binary,
                                 node_config_dir=args.node_config_dir, state_dir=args.state_dir)
         print(f"added host {host.name}; copy {path.parent} to the host and run: quil-agent run --config agent.yaml")
@@ -206,7 +223,7 @@ def cmd_host(args: argparse.Namespace) -> int:
         print(f"renewed the certificate of host {args.name}; valid until {output.timestamp(not_after)}")
     else:
         changes = dict(address=args.address, agent=args.agent, control=args.control, workers=args.workers,
-                       reserve=args.reserve, cpus=args.cpus)
+                       reserve=args.reserve, cpus=args.cpus, firewall=args.firewall)
         cluster.set_host(home, args.name, **changes)
         print(f"updated host {args.name}; run quil-coord assign, then quil-coord apply")
     return ExitCode.OK
@@ -319,9 +336,42 @@ def cmd_assign(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     from .apply import apply
 
-    report = apply(_home(args), wait=args.wait)
+    home = _home(args)
+    report = apply(home, wait=args.wait)
     print(output.apply_json(report) if args.json else output.apply_lines(report))
+    if report.exit_code != ExitCode.OK or args.no_verify:
+        return report.exit_code
+    return _run_verify(home, as_json=False, quiet_when_ok=args.json)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    return _run_verify(_home(args), as_json=args.json, quiet_when_ok=False)
+
+
+def _run_verify(home: Home, as_json: bool, quiet_when_ok: bool) -> int:
+    from .verify import verify
+
+    report = verify(home)
+    if as_json:
+        print(output.verify_json(report))
+    elif not (quiet_when_ok and report.exit_code == ExitCode.OK):
+        stream = sys.stderr if quiet_when_ok else sys.stdout
+        print(output.verify_text(report), file=stream)
     return report.exit_code
+
+
+def cmd_firewall(args: argparse.Namespace) -> int:
+    from ..common.firewall import render_show
+    from .policy import host_policy
+
+    home = _home(args)
+    settings, hosts, assignment = home.load_settings(), home.load_hosts(), home.load_assignment()
+    slots = assignment.slots if assignment else []
+    chosen = [h for h in hosts if not h.probe_only and (args.host is None or h.name == args.host)]
+    if args.host is not None and not chosen:
+        raise InventoryError(f"unknown host '{args.host}'; known hosts: {', '.join(h.name for h in hosts)}")
+    print("\n\n".join(render_show(host_policy(settings, hosts, slots, h)) for h in chosen))
+    return ExitCode.OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -344,5 +394,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[Any], int]] = {
     "init": cmd_init, "host": cmd_host, "assign": cmd_assign, "apply": cmd_apply, "status": cmd_status,
-    "demo": cmd_demo, "token": cmd_token, "serve": cmd_serve, "ca": cmd_ca, "cert": cmd_cert,
+    "demo": cmd_demo, "verify": cmd_verify, "firewall": cmd_firewall, "token": cmd_token, "serve": cmd_serve, "ca": cmd_ca, "cert": cmd_cert,
 }

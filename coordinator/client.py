@@ -13,6 +13,7 @@ import grpc
 from cryptography import x509
 
 from ..common import pki, tls
+from ..common.firewall import HostPolicy
 from ..common.errors import TLSError
 from ..common.exitcodes import ExitCode
 from ..proto import agent_pb2 as pb
@@ -153,11 +154,17 @@ def for_each_host(hosts: Iterable[Host], work: Callable[[Host], T]) -> dict[str,
         return {host.name: result for host, result in zip(hosts, results)}
 
 
+def firewall_message(mode: str, policy: HostPolicy) -> pb.Firewall:
+    rules = [pb.FirewallRule(ports=list(r.ports), sources=list(r.sources), purpose=r.purpose) for r in policy.rules]
+    return pb.Firewall(mode=mode, host=policy.host, address=policy.address, rules=rules)
+
+
 def apply_request(config_text: str, generation: str, config_generation: int, cores: list[int],
-                  run_control: bool, hold_control: bool, revoked: list[str]) -> pb.ApplyRequest:
+                  run_control: bool, hold_control: bool, revoked: list[str],
+                  firewall: pb.Firewall | None = None) -> pb.ApplyRequest:
     data = config_text.encode("utf-8")
     return pb.ApplyRequest(
         config_yaml=data, config_sha256=hashlib.sha256(data).hexdigest(), config_generation=config_generation,
         node_generation=GENERATION_ENUM[generation], cores=cores, run_control=run_control,
-        hold_control=hold_control, revoked_serials=revoked,
+        hold_control=hold_control, revoked_serials=revoked, firewall=firewall,
     )

@@ -117,8 +117,9 @@ def run_assign(home: Home, cpus_of: CPUS_UNKNOWN, dry_run: bool) -> tuple[Plan, 
         settings = home.load_settings()
         hosts = home.load_hosts()
         previous = home.load_assignment()
-        counts = worker_counts(hosts, cpus_of)
-        plan = assign(hosts, counts, previous.slots if previous else [], settings.ports())
+        workers = [h for h in hosts if not h.probe_only]
+        counts = worker_counts(workers, cpus_of)
+        plan = assign(workers, counts, previous.slots if previous else [], settings.ports())
         generation = (previous.config_generation if previous else 0) + (1 if plan.changed or not previous else 0)
         recorded = Assignment(generation, plan.slots, [h.assignment_fields() for h in hosts])
         if not dry_run:
@@ -137,6 +138,9 @@ def _check_host(host: Host) -> None:
     host.address = inventory.check_address(host.address)
     inventory.check_agent(host.agent)
     inventory.check_counts(host.workers, host.reserve, host.cpus)
+    if host.probe_only and (host.control or host.workers or host.reserve is not None):
+        raise InventoryError(f"host {host.name}: a probe-only host runs no processes; drop --control, "
+                             "--workers and --reserve")
 
 
 def _find(hosts: list[Host], name: str) -> Host:

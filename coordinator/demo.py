@@ -24,6 +24,7 @@ from typing import Iterator
 
 from ..common.errors import StateError
 from ..common.exitcodes import ExitCode
+from ..simnode import write_wrapper
 from . import cli
 
 DEMO_CONFIG = "demo-config-1.4.21.yml"
@@ -60,7 +61,9 @@ class LocalCluster:
         if control_config is None:
             control_config = self.root / "control-config.yml"
             control_config.write_bytes(resources.files(__package__).joinpath("data", DEMO_CONFIG).read_bytes())
-        return self.coord("init", "--control-config", str(control_config), "--generation", self.generation, *extra)
+        # --local: every host of this cluster shares this machine's network
+        return self.coord("init", "--control-config", str(control_config), "--generation", self.generation,
+                          "--local", *extra)
 
     def add_host(self, name: str, address: str, *options: str, port: int | None = None) -> int:
         port = port or free_port(address)
@@ -102,12 +105,7 @@ class LocalCluster:
 
     def _write_node_binary(self, version: str) -> Path:
         """A wrapper named like a release binary, so the stand-in imitates that version."""
-        directory = self.root / "bin"
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"node-{version}-linux-amd64"
-        path.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m quil_cluster.simnode "$@"\n')
-        path.chmod(0o755)
-        return path
+        return write_wrapper(self.root / "bin", version)
 
 
 def free_port(address: str) -> int:

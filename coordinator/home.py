@@ -55,6 +55,8 @@ class Settings:
     auto_apply: bool = True
     # Lifetime of agent certificates, in days; apply and serve renew them at about two thirds.
     agent_cert_days: int = 7
+    # Port class -> public or private, overriding the generation's defaults (see coordinator/policy.py).
+    exposure: dict | None = None
 
     def ports(self) -> Ports:
         stream = self.stream_base_port if self.node_generation == "2.1" else 0

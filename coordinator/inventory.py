@@ -34,13 +34,18 @@ class Host:
     serial: str | None = None
     # Unix time when that certificate expires; renewal starts at about two thirds of its lifetime.
     cert_not_after: float | None = None
+    # A host that runs no node processes and only probes ports for quil-coord verify.
+    probe_only: bool = False
+    # Firewall the agent manages for the host's worker ports: off, nftables or ufw.
+    firewall: str = "off"
 
     def assignment_fields(self) -> dict[str, Any]:
         """The fields an assignment depends on; certificate renewals leave them unchanged."""
         return {k: v for k, v in self.to_dict().items() if k not in ("serial", "cert_not_after")}
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        defaults = {"probe_only": False, "firewall": "off"}
+        return {k: v for k, v in asdict(self).items() if v is not None and defaults.get(k, object()) != v}
 
     def worker_count(self, cpus: int | None) -> int:
         """Number of workers: the fixed count, or the CPUs left after the reserve."""
@@ -128,6 +133,7 @@ def check_unique(hosts: list[Host]) -> None:
 
 
 _OPTIONAL_INTS = ("workers", "reserve", "cpus")
+FIREWALL_MODES = ("off", "nftables", "ufw")
 
 
 def from_dicts(rows: Any, source: str) -> list[Host]:
@@ -153,8 +159,11 @@ def _host_from_row(row: Any, where: str) -> Host:
     for key in ("name", "address", "agent"):
         if not isinstance(row.get(key), str):
             raise InventoryError(f"{where}: '{key}' must be a string")
-    if not isinstance(row.get("control", False), bool):
-        raise InventoryError(f"{where}: 'control' must be true or false")
+    for key in ("control", "probe_only"):
+        if not isinstance(row.get(key, False), bool):
+            raise InventoryError(f"{where}: '{key}' must be true or false")
+    if row.get("firewall", "off") not in FIREWALL_MODES:
+        raise InventoryError(f"{where}: firewall '{row.get('firewall')}' is not one of {', '.join(FIREWALL_MODES)}")
     for key in _OPTIONAL_INTS:
         value = row.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):

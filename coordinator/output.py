@@ -58,7 +58,7 @@ def apply_lines(report: ApplyReport) -> str:
         if host.outcome in ("failed", "unreachable", "skipped"):
             lines.append(f"{host.name}: {host.outcome.upper()} ({host.error})")
             continue
-        parts = [("config written" if host.config_changed else "")]
+        parts = [("config written" if host.config_changed else ""), ("firewall updated" if host.firewall_changed else "")]
         parts += [f"{label} {_cores(cores)}" for label, cores in
                   (("started", host.started), ("stopped", host.stopped), ("restarted", host.restarted)) if cores]
         if host.control not in ("none", "held"):
@@ -149,3 +149,38 @@ def token_table(records: list) -> str:
 def tokens_json(records: list) -> str:
     rows = [{k: v for k, v in asdict(r).items() if k != "hash"} | {"state": _token_state(r)} for r in records]
     return json.dumps({"tokens": rows}, indent=2)
+
+
+_CELL = {"open": "open", "refused": "refused", "timeout": "filtered", "error": "error", "unreachable": "?"}
+
+
+def verify_text(report) -> str:
+    """The reachability grid (rows: worker ports, columns: sources), then one line per violation."""
+    lines = []
+    if report.local:
+        lines.append("local cluster: all hosts share this machine's network, so exposure between hosts is not "
+                     "probed")
+    sources = sorted({c.source for c in report.cells})
+    rows: dict[str, dict[str, str]] = {}
+    for cell in report.cells:
+        mark = "" if cell.ok else "!"
+        rows.setdefault(cell.target.label, {})[cell.source] = _CELL.get(cell.observed, cell.observed) + mark
+    if rows:
+        lines.append(table(["PORT"] + [f"FROM {s}" for s in sources],
+                           ([label] + [cells.get(s, "-") for s in sources] for label, cells in rows.items())))
+    for name, observed in sorted(report.agent_ports.items()):
+        lines.append(f"{name}: agent port without a client certificate: {observed}")
+    lines += [f"violation: {text}" for text in report.violations]
+    lines += [f"error: {name}: {reason}" for name, reason in sorted(report.errors.items())]
+    probes = len(report.cells)
+    lines.append(f"{probes} probes, {len(report.violations)} violations" + ("" if report.violations else "; ok"))
+    return "\n".join(lines)
+
+
+def verify_json(report) -> str:
+    probes = [{"from": c.source, "to": c.target.address, "port": c.target.port, "host": c.target.host,
+               "core": c.target.core, "class": c.target.port_class, "exposure": c.target.exposure,
+               "expected": c.expected, "observed": c.observed, "ok": c.ok} for c in report.cells]
+    return json.dumps({"ok": not report.violations and not report.errors, "local": report.local,
+                       "probes": probes, "agent_ports": report.agent_ports, "violations": report.violations,
+                       "errors": report.errors}, indent=2)

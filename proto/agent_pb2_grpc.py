@@ -69,6 +69,11 @@ class AgentStub:
                 request_serializer=agent__pb2.InstallCertificateRequest.SerializeToString,
                 response_deserializer=agent__pb2.InstallCertificateResponse.FromString,
                 _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/quil_cluster.agent.v1.Agent/Probe',
+                request_serializer=agent__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=agent__pb2.ProbeResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -125,6 +130,13 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Probe(self, request, context):
+        """Try TCP connections from this host to the given addresses (quil-coord verify).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +174,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.InstallCertificate,
                     request_deserializer=agent__pb2.InstallCertificateRequest.FromString,
                     response_serializer=agent__pb2.InstallCertificateResponse.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=agent__pb2.ProbeRequest.FromString,
+                    response_serializer=agent__pb2.ProbeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -353,6 +370,33 @@ class Agent:
             '/quil_cluster.agent.v1.Agent/InstallCertificate',
             agent__pb2.InstallCertificateRequest.SerializeToString,
             agent__pb2.InstallCertificateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quil_cluster.agent.v1.Agent/Probe',
+            agent__pb2.ProbeRequest.SerializeToString,
+            agent__pb2.ProbeResponse.FromString,
             options,
             channel_credentials,
             insecure,

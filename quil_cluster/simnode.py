@@ -26,6 +26,7 @@ import signal
 import socket
 import sys
 import time
+from pathlib import Path
 
 import yaml
 
@@ -553,3 +554,17 @@ def main(argv: list[str] | None = None, environ=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def write_wrapper(directory: Path, version: str) -> Path:
+    """Write an executable named like a node release (node-VERSION-linux-amd64) that runs this stand-in.
+
+    The wrapper passes --generation because the name a script is called by
+    does not reach the Python process it execs.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"node-{version}-linux-amd64"
+    generation = ".".join(version.split(".")[:2])
+    path.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m quil_cluster.simnode --generation {generation} "$@"\n')
+    path.chmod(0o755)
+    return path

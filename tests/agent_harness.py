@@ -12,6 +12,7 @@ from quil_cluster.agent import config as agent_config
 from quil_cluster.agent.service import Agent, build_server
 from quil_cluster.common import pki, tls
 from quil_cluster.common.yamlio import dump
+from quil_cluster.simnode import write_wrapper
 from quil_cluster.proto import agent_pb2_grpc as pb_grpc
 
 CLUSTER = "test"
@@ -39,10 +40,7 @@ class RunningAgent:
 
 
 def node_wrapper(directory: Path, version: str = "1.4.21") -> Path:
-    path = directory / f"node-{version}-linux-amd64"
-    path.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m quil_cluster.simnode "$@"\n')
-    path.chmod(0o755)
-    return path
+    return write_wrapper(directory, version)
 
 
 def write_agent_files(root: Path, ca_key: bytes, ca_cert: bytes, port: int, **overrides) -> Path:

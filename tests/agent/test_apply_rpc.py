@@ -116,16 +116,41 @@ def test_apply_invalid_core_lists_are_rejected(running_agent, cores):
     assert err.details() == "cores must be distinct indices from 1 to 4096"
 
 
-def test_apply_unknown_generation_is_rejected(running_agent):
-    err = _rejected(running_agent, _request(_config(_entries(1)), [1], node_generation=0))
+@pytest.mark.parametrize("number", [0, 77])
+def test_apply_unknown_generation_is_rejected(running_agent, number):
+    err = _rejected(running_agent, _request(_config(_entries(1)), [1], node_generation=number))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.details() == "unknown node generation ''; use 1.4, 2.0 or 2.1"
+    assert err.details() == f"unknown node generation {number}; use 1.4, 2.0 or 2.1"
 
 
 def test_apply_broken_yaml_is_rejected(running_agent):
     err = _rejected(running_agent, _request(b"engine:\n  dataWorkerMultiaddrs: [\n", [1]))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.details().startswith("config.yml from the coordinator:")
+
+
+def test_apply_deeply_nested_yaml_is_rejected(running_agent):
+    config = b"engine: " + b"[" * 5000 + b"]" * 5000 + b"\n"
+    err = _rejected(running_agent, _request(config, [1]))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == (
+        "config.yml from the coordinator: invalid YAML: lists or mappings nested too deeply to parse;"
+        " a node config has a few levels"
+    )
+
+
+def test_apply_billion_laughs_is_rejected(running_agent):
+    # Nine levels of ten aliases each: 10^9 strings once expanded.
+    lines = [b"l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for level in range(1, 10):
+        lines.append(f"l{level}: &l{level} [".encode() + b", ".join([f"*l{level - 1}".encode()] * 10) + b"]")
+    config = b"\n".join(lines) + b"\nrebuildstart: 2024-02-30\n"
+    err = _rejected(running_agent, _request(config, [1]))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == (
+        "config.yml from the coordinator:5: aliases repeat more than 100000 values once this one is expanded;"
+        " a node config needs no aliases, so write the values out in place"
+    )
 
 
 def test_apply_binary_garbage_is_rejected(running_agent):

@@ -482,9 +482,10 @@ def test_process_table_lists_live_processes(supervisor, tmp_path):
     _wait_for(lambda: len(_table_rows(table)) == 2, "two rows in processes.json")
     pids = {info.core: info.pid for info in supervisor.snapshot()}
     assert sorted(_table_rows(table), key=lambda row: row["core"]) == [
-        {"core": 1, "pid": pids[1], "create_time": psutil.Process(pids[1]).create_time(), "argv": list(SLEEP)},
+        {"core": 1, "pid": pids[1], "create_time": psutil.Process(pids[1]).create_time(), "argv": list(SLEEP),
+         "instance": INSTANCE_ID},
         {"core": 2, "pid": pids[2], "create_time": psutil.Process(pids[2]).create_time(),
-         "argv": ["/bin/sleep", "999"]},
+         "argv": ["/bin/sleep", "999"], "instance": INSTANCE_ID},
     ]
     assert table.stat().st_mode & 0o777 == 0o600
 
@@ -518,6 +519,63 @@ def test_stop_leftovers_stops_matching_rows(make_supervisor, tmp_path):
         assert stop_leftovers(table, 1.0) == [1, 2]
         for pid, create_time in leftovers.items():
             assert _is_gone(pid, create_time)
+        assert other.poll() is None
+    finally:
+        _reap(other)
+
+
+def _exec_wrapper(directory: Path) -> Path:
+    """Write a node binary that is a shell script which execs sleep, as launcher scripts do."""
+    path = directory / "node-wrapper"
+    path.write_text(f'#!/bin/sh\nexec {shlex.join(SLEEP)}\n')
+    path.chmod(0o755)
+    return path
+
+
+def test_stop_leftovers_stops_exec_wrapper(make_supervisor, tmp_path):
+    table = tmp_path / "processes.json"
+    argv = (str(_exec_wrapper(tmp_path)), "--core", "1")
+    earlier = make_supervisor()
+    earlier.start(_spec(tmp_path, argv, core=1))
+    _wait_for(lambda: len(_table_rows(table)) == 1, "one row in processes.json")
+    pid = _info(earlier, 1).pid
+    leftover = psutil.Process(pid)
+    _wait_for(lambda: leftover.cmdline() == list(SLEEP), "the wrapper's exec of sleep")
+    # The agent was killed: its loop is gone, its process keeps running.
+    earlier.close()
+    assert _table_rows(table)[0]["argv"] == list(argv)
+    assert stop_leftovers(table, 1.0) == [1]
+    assert _is_gone(pid, leftover.create_time())
+
+
+@pytest.mark.parametrize("marker", [None, "other-instance"], ids=["no-marker", "other-marker"])
+def test_stop_leftovers_skips_unmarked_process(tmp_path, marker):
+    table = tmp_path / "processes.json"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    if marker is not None:
+        env[MARKER_ENV] = marker
+    other = subprocess.Popen(SLEEP, process_group=0, env=env)
+    try:
+        # Same pid and create time, another command line: a reused pid.
+        table.write_text(json.dumps([
+            {"core": 3, "pid": other.pid, "create_time": psutil.Process(other.pid).create_time(),
+             "argv": ["/opt/node", "--core", "3"], "instance": INSTANCE_ID},
+        ]))
+        assert stop_leftovers(table, 1.0) == []
+        assert other.poll() is None
+    finally:
+        _reap(other)
+
+
+def test_stop_leftovers_skips_row_with_bad_core(tmp_path):
+    table = tmp_path / "processes.json"
+    other = subprocess.Popen(SLEEP, process_group=0)
+    try:
+        table.write_text(json.dumps([
+            {"core": "three", "pid": other.pid, "create_time": psutil.Process(other.pid).create_time(),
+             "argv": list(SLEEP)},
+        ]))
+        assert stop_leftovers(table, 1.0) == []
         assert other.poll() is None
     finally:
         _reap(other)

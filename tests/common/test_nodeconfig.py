@@ -1,6 +1,8 @@
 import copy
 import hashlib
 import ipaddress
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -214,6 +216,111 @@ def test_load_accepts_same_key_in_different_mappings():
 )
 def test_load_rejects_top_level_not_mapping(text, message):
     assert load_error(text) == message
+
+
+def billion_laughs(tail=""):
+    """Return nine levels of anchors, each a list of ten aliases of the level before, then tail.
+
+    The text is about 600 bytes, but expanded, the last list contains 10^9 strings.
+    """
+    lines = ["l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for level in range(1, 10):
+        lines.append(f"l{level}: &l{level} [" + ", ".join([f"*l{level - 1}"] * 10) + "]")
+    return "\n".join(lines) + "\n" + tail
+
+
+# Seconds a guarded check may run. Each one takes well under a second, but code
+# that walks every alias expansion takes hours, so a hang fails the test here.
+GUARD_SECONDS = 30
+
+
+def run_guarded(code, text):
+    """Run code in a fresh interpreter with text on stdin; return its stdout or fail on a hang."""
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", code], input=text, capture_output=True, text=True, timeout=GUARD_SECONDS
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running after {GUARD_SECONDS} s; a walk of the YAML tree follows aliases again")
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+LOAD_ERROR = """
+import sys
+from quil_cluster.common import nodeconfig
+from quil_cluster.common.errors import ConfigError
+try:
+    nodeconfig.load(sys.stdin.read())
+except ConfigError as err:
+    print(err)
+"""
+
+
+def test_load_rejects_billion_laughs():
+    payload = billion_laughs("rebuildstart: 2024-02-30\n")
+
+    assert run_guarded(LOAD_ERROR, payload) == (
+        "config.yml:5: aliases repeat more than 100000 values once this one is expanded; "
+        "a node config needs no aliases, so write the values out in place\n"
+    )
+
+
+FIRST_BAD_SCALAR = """
+import sys
+import yaml
+from quil_cluster.common import nodeconfig
+tree = yaml.compose(sys.stdin.read(), Loader=yaml.SafeLoader)
+nodeconfig._reject_duplicates(tree, "config.yml")
+print(nodeconfig._first_bad_scalar(tree).start_mark.line + 1)
+"""
+
+
+def test_tree_walks_visit_aliased_nodes_once():
+    # Composed without the alias limit, so that the walks meet the whole tree.
+    assert run_guarded(FIRST_BAD_SCALAR, billion_laughs("rebuildstart: 2024-02-30\n")) == "11\n"
+
+
+def aliases_of(count, size):
+    """Return a config whose aliases repeat an anchored list of size - 1 strings count times."""
+    items = ", ".join(["x"] * (size - 1))
+    return f"base: &base [{items}]\ncopies: [" + ", ".join(["*base"] * count) + "]\n"
+
+
+def test_load_accepts_aliases_up_to_limit():
+    text = aliases_of(10, nodeconfig.MAX_ALIASED_VALUES // 10)
+
+    assert len(nodeconfig.load(text).data["copies"]) == 10
+
+
+def test_load_rejects_aliases_over_limit():
+    text = aliases_of(10, nodeconfig.MAX_ALIASED_VALUES // 10) + "one: &one x\nmore: *one\n"
+
+    assert load_error(text) == (
+        "config.yml:4: aliases repeat more than 100000 values once this one is expanded; "
+        "a node config needs no aliases, so write the values out in place"
+    )
+
+
+@pytest.mark.parametrize("text", ["loop: &x [*x]\n", "loop: &x\n- *x\n", "loop: &x {self: *x}\n"])
+def test_load_rejects_recursive_alias(text):
+    line = text.count("\n", 0, text.index("*x")) + 1
+
+    assert load_error(text) == (
+        f"config.yml:{line}: alias '*x' refers to the list or mapping that contains it (a recursive value); "
+        "write the values out in place"
+    )
+
+
+@pytest.mark.parametrize("opening", ["[", "{a: "])
+def test_load_rejects_deep_nesting(opening):
+    closing = "]" if opening == "[" else "}"
+    text = "engine: " + opening * 5000 + closing * 5000 + "\n"
+
+    assert load_error(text, "/etc/quil/config.yml") == (
+        "/etc/quil/config.yml: invalid YAML: lists or mappings nested too deeply to parse; "
+        "a node config has a few levels"
+    )
 
 
 # Reading the worker lists

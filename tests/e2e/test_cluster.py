@@ -206,3 +206,15 @@ def test_address_mismatch_stops_apply_before_any_change(capsys, applied):
     assert (applied.root / "nodes" / "A" / ".config" / "config.yml").read_bytes() == config_before
     assert applied.coord("host", "set", "B", "--address", "127.0.0.3") == 0
     assert applied.coord("assign") == 0
+
+
+def test_verify_on_local_cluster_checks_agent_ports(capsys, applied):
+    capsys.readouterr()
+    code = applied.coord("verify", "--json")
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert report["local"] is True
+    assert report["probes"] == []
+    assert report["violations"] == []
+    assert set(report["agent_ports"].values()) == {"rejected"}
+    assert sorted(report["agent_ports"]) == ["A", "B", "C", "D"]
