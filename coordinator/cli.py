@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="all hosts on this machine: allow loopback worker addresses when hosts join")
     init.add_argument("--no-auto-apply", dest="auto_apply", action="store_false",
                       help="do not assign and apply when a host joins; run them by hand")
+    init.add_argument("--firewall", choices=("off", "nftables", "ufw"), default="off",
+                      help="firewall mode given to hosts that join (default off)")
 
     _add_host_parsers(sub)
 
@@ -195,7 +197,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     settings = cluster.init(_home(args), args.control_config, name=args.name, generation=args.generation,
                             port_scheme=args.port_scheme, base_port=args.base_port,
                             stream_base_port=args.stream_base_port, local=args.local,
-                            auto_apply=args.auto_apply)
+                            auto_apply=args.auto_apply, firewall=args.firewall)
     print(f"initialized cluster {settings.name}: node generation {settings.node_generation}, "
           f"port scheme {settings.port_scheme}, base port {settings.base_port}")
     return ExitCode.OK

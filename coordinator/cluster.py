@@ -35,7 +35,7 @@ def detect_generation(config: nodeconfig.NodeConfig) -> str:
 
 def init(home: Home, control_config: Path, *, name: str, generation: str | None, port_scheme: str,
          base_port: int | None, stream_base_port: int | None, local: bool = False,
-         auto_apply: bool = True) -> Settings:
+         auto_apply: bool = True, firewall: str = "off") -> Settings:
     """Create the state directory: settings, cluster CA and the coordinator's certificate."""
     if home.file("cluster.yaml").exists():
         raise StateError(f"{home.path} is already initialized; use another --home for a new cluster")
@@ -46,7 +46,7 @@ def init(home: Home, control_config: Path, *, name: str, generation: str | None,
                              "(at most 63 characters)") from None
     settings = Settings(name=name, node_generation=generation or "1.4",
                         control_config=str(Path(control_config).resolve()), port_scheme=port_scheme,
-                        local=local, auto_apply=auto_apply)
+                        local=local, auto_apply=auto_apply, firewall=firewall)
     config = read_control_config(settings)
     settings.node_generation = generation or detect_generation(config)
     config.worker_lists(settings.node_generation)  # rejects an engine section of the wrong shape

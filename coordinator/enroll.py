@@ -57,7 +57,7 @@ def enroll_host(home: Home, token: tokens.TokenRecord, request: epb.JoinRequest)
             raise InventoryError(f"host name {name} is already in the inventory; create a token with another --host-name")
         endpoint = f"[{address}]:{request.agent_port}" if ":" in address else f"{address}:{request.agent_port}"
         host = Host(name=name, address=address, agent=endpoint, workers=token.workers,
-                    cpus=request.logical_cpus or None)
+                    cpus=request.logical_cpus or None, firewall=settings.firewall)
         cert_pem = sign_agent_csr(home, settings.name, host, request.csr_pem, settings.agent_cert_days)
         host.serial, host.cert_not_after = pki.serial_hex(cert_pem), pki.not_after(cert_pem)
         inventory.check_unique(hosts + [host])

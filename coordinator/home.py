@@ -57,6 +57,8 @@ class Settings:
     agent_cert_days: int = 7
     # Port class -> public or private, overriding the generation's defaults (see coordinator/policy.py).
     exposure: dict | None = None
+    # Firewall mode given to hosts that join (off, nftables or ufw); host set changes it per host.
+    firewall: str = "off"
 
     def ports(self) -> Ports:
         stream = self.stream_base_port if self.node_generation == "2.1" else 0
@@ -66,6 +68,8 @@ class Settings:
         for key in ("name", "control_config", "node_generation", "port_scheme"):
             if not isinstance(getattr(self, key), str):
                 raise ConfigError(f"{source}: '{key}' must be a string")
+        if self.firewall not in ("off", "nftables", "ufw"):
+            raise ConfigError(f"{source}: firewall '{self.firewall}' is not off, nftables or ufw")
         for key in ("local", "auto_apply"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{source}: '{key}' must be true or false")

@@ -312,3 +312,27 @@ def test_init_with_non_mapping_engine_is_rejected(tmp_path, capsys):
     assert code == 3
     assert err == f"error: {control}:1: engine must be a mapping of settings, not an integer ('5')"
     assert not (tmp_path / "c" / "cluster.yaml").exists()
+
+
+def test_firewall_show_corrects_guide_example(home, capsys, tmp_path):
+    # The node runners' guide allows the worker host itself and writes the range backwards
+    # (ufw allow from 192.168.0.201 to any port 40003:40000); the right rule allows the control host.
+    _add(home, tmp_path, "A", "192.168.0.200", 7350, "--control", "--workers", "3")
+    _add(home, tmp_path, "B", "192.168.0.201", 7350, "--workers", "4")
+    assert main(["--home", str(home), "assign"]) == 0
+    capsys.readouterr()
+    assert main(["--home", str(home), "firewall", "show", "--host", "B"]) == 0
+    out = capsys.readouterr().out
+    assert "ufw allow from 192.168.0.200 to any port 40000:40003 proto tcp comment 'quil-cluster'" in out
+    assert "ufw deny proto tcp to any port 40000:40003 comment 'quil-cluster'" in out
+    assert "from 192.168.0.201" not in out
+    assert "40003:40000" not in out
+    assert "ip saddr { 192.168.0.200, 192.168.0.201 } tcp dport { 40000-40003 } accept" in out
+    assert "tcp dport { 40000-40003 } drop" in out
+
+
+def test_firewall_show_unknown_host_is_rejected(home, capsys, tmp_path):
+    _add(home, tmp_path, "A", "192.168.0.200", 7350, "--control", "--workers", "3")
+    code, err = _run(home, capsys, "firewall", "show", "--host", "Z")
+    assert code == 3
+    assert err == "error: unknown host 'Z'; known hosts: A"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
 import pytest
 from netns_cluster import BedCluster
 
@@ -123,3 +127,38 @@ def test_generation_2_1_expects_public_p2p(netbed, tmp_path):
     assert report["violations"] == [
         "out -> w1 core 2 198.18.0.2:25000 (p2p, public): timeout, expected open; check that the worker runs "
         "and that no firewall on w1 drops out"]
+
+
+def test_joined_host_gets_firewall_and_verify_passes(netbed, tmp_path):
+    bed = netbed(["ctl", "w1", "w2", "out"])
+    cluster = BedCluster(bed, tmp_path)
+    cluster.init("--port-scheme", "per-host", "--firewall", "nftables")
+    cluster.add("ctl", "--control", "--workers", "1", "--firewall", "nftables")
+    cluster.add("w1", "--workers", "1", "--firewall", "nftables")
+    cluster.add("out", "--probe-only")
+    for name in ("ctl", "w1", "out"):
+        cluster.start_agent(name)
+    assert cluster.coord("assign").returncode == 0
+    assert cluster.coord("apply").returncode == 0
+    ctl = bed.host("ctl").address
+    bed.popen("ctl", [sys.executable, "-m", "quil_cluster.coordinator", "--home", str(cluster.home), "serve",
+                      "--listen", f"{ctl}:7351"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cluster.wait_open("w2", ctl, 7351)
+    created = cluster.coord("token", "create", "--workers", "2", "--host-name", "w2")
+    join = created.stdout.splitlines()[-1].split()
+    assert join[:3] == ["quil-agent", "join", f"{ctl}:7351"]
+    directory = tmp_path / "joined"
+    bed.popen("w2", [sys.executable, "-m", "quil_cluster.agent", *join[1:], "--dir", str(directory),
+                     "--node-binary", str(cluster.node_binary), "--node-config-dir", str(directory / "node" / ".config"),
+                     "--state-dir", str(directory / "state"), "--run"],
+              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    w2 = bed.host("w2").address
+    cluster.wait_open("ctl", w2, 40001, timeout=60)
+    deadline = time.monotonic() + 30
+    while bed.run("w2", ["nft", "list", "table", "inet", "quil_cluster"]).returncode != 0:
+        assert time.monotonic() < deadline, "the joined host never got its firewall table"
+        time.sleep(0.2)
+    code, report = cluster.coord_json("verify")
+    assert (code, report["violations"]) == (0, [])
+    assert _cells(report, "ctl", "w2") == [(40000, "open", True), (40001, "open", True)]
+    assert _cells(report, "out", "w2") == [(40000, "timeout", True), (40001, "timeout", True)]
