@@ -103,7 +103,11 @@ def run_join(args: argparse.Namespace) -> int:
 
 
 def run(config_path: Path) -> int:
+    from . import capabilities
     from .service import build_server  # imports grpc; kept out of sample-config
+
+    # Before any thread exists, so no node process inherits a capability (see capabilities.py).
+    capabilities.clear_ambient()
 
     config = agent_config.load(config_path)
     agent = build_server(config)

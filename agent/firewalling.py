@@ -16,14 +16,15 @@ import subprocess
 from typing import Callable
 
 from ..common import firewall
+from . import capabilities
 from ..common.firewall import HostPolicy
 
 log = logging.getLogger(__name__)
 
 
 class FirewallManager:
-    def __init__(self, runner: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> None:
-        self._runner = runner
+    def __init__(self, runner: Callable[..., subprocess.CompletedProcess] | None = None) -> None:
+        self._runner = runner or _run_with_net_admin
         self.nft = shutil.which("nft") or "/usr/sbin/nft"
         self.ufw = shutil.which("ufw") or "/usr/sbin/ufw"
 
@@ -51,6 +52,18 @@ class FirewallManager:
             firewall.remove_nft(nft=self.nft, runner=self._runner)
         elif previous == "ufw" and keep != "ufw":
             firewall.remove_ufw(ufw=self.ufw, runner=self._runner)
+
+
+def _run_with_net_admin(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+    """Run a firewall command with CAP_NET_ADMIN passed to it and to nothing else."""
+    try:
+        with capabilities.ambient(capabilities.CAP_NET_ADMIN):
+            return subprocess.run(argv, **kwargs)  # type: ignore[call-overload]
+    except capabilities.CapabilityError as err:
+        raise firewall.FirewallError(
+            f"cannot run {argv[0]}: the agent lacks CAP_NET_ADMIN ({err.strerror}); install "
+            "deploy/quil-agent-firewall.conf as a drop-in of quil-agent.service, or set the host's firewall off"
+        ) from err
 
 
 def _digest(mode: str, policy: HostPolicy | None) -> str:

@@ -45,3 +45,24 @@ def test_unit_is_sandboxed(unit):
     user = next(line for line in lines if line.startswith("User="))
     assert user not in ("User=root", "User=0")
     assert any(line.startswith("ReadWritePaths=/var/lib/") for line in lines)
+
+
+def test_agent_unit_with_firewall_drop_in_verifies(tmp_path):
+    analyze = _systemd_analyze()
+    bin_dir = Path(sys.executable).parent
+    unit = tmp_path / "quil-agent.service"
+    text = (DEPLOY / "quil-agent.service").read_text().replace("/usr/local/bin/", f"{bin_dir}/")
+    # A drop-in's [Service] lines merge into the unit's, so appending them checks the combination.
+    unit.write_text(text + "\n" + (DEPLOY / "quil-agent-firewall.conf").read_text())
+    result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
+def test_agent_unit_grants_no_capability_by_default():
+    lines = (DEPLOY / "quil-agent.service").read_text().splitlines()
+    assert "CapabilityBoundingSet=" in lines
+    assert not any(line.startswith("AmbientCapabilities") for line in lines)
+    drop_in = (DEPLOY / "quil-agent-firewall.conf").read_text().splitlines()
+    assert "AmbientCapabilities=CAP_NET_ADMIN" in drop_in
+    assert "CapabilityBoundingSet=CAP_NET_ADMIN" in drop_in
