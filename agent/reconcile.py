@@ -42,7 +42,7 @@ CONTROL = 0
 
 
 class RequestError(Exception):
-    """Raised when a request cannot be carried out; holds the gRPC status to return."""
+    """Raised when a request cannot be carried out; contains the gRPC status to return."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)

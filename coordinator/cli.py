@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return next(code for kind, code in ERROR_EXIT if isinstance(err, kind))
     except BrokenPipeError:
-        # The reader of our output went away (quil-coord status | head); nothing left to say.
+        # The reader of our output went away (quil-coord status | head), so there is nothing left to print.
         _silence_stdout()
         return ExitCode.OK
     except Exception:  # noqa: BLE001 - the last resort for bugs: show them, do not hide them
@@ -186,7 +186,7 @@ def _silence_stdout() -> None:
 
 
 def _home(args: argparse.Namespace) -> Home:
-    """The state directory; every command but init needs it initialized."""
+    """Return the state directory; every command but init requires it initialized."""
     home = Home.from_env(args.home)
     if getattr(args, "command", None) != "init":
         home.require()

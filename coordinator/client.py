@@ -73,7 +73,7 @@ class Credentials:
             bundle = home.trust_bundle()
         except OSError as err:
             raise TLSError(f"failed to read {err.filename}: {err.strerror}") from err
-        # During a CA rotation the bundle holds both CAs, and agents may serve either.
+        # During a CA rotation the bundle contains both CAs, and agents may serve either.
         pki.check_pair(key, cert, bundle, key_path=paths["coordinator.key"], cert_path=paths["coordinator.crt"],
                        ca_path=paths["ca.crt"])
         self.channel_credentials = tls.channel_credentials(key, cert, bundle)

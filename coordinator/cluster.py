@@ -112,7 +112,7 @@ def set_host(home: Home, name: str, **changes: object) -> Host:
 
 
 def run_assign(home: Home, cpus_of: CPUS_UNKNOWN, dry_run: bool) -> tuple[Plan, Assignment]:
-    """Compute the assignment; record it unless dry_run. cpus_of asks agents for unknown CPU counts."""
+    """Compute the assignment and record it unless dry_run; cpus_of queries agents for unknown CPU counts."""
     with home.locked():
         settings = home.load_settings()
         hosts = home.load_hosts()
@@ -120,7 +120,9 @@ def run_assign(home: Home, cpus_of: CPUS_UNKNOWN, dry_run: bool) -> tuple[Plan, 
         workers = [h for h in hosts if not h.probe_only]
         counts = worker_counts(workers, cpus_of)
         plan = assign(workers, counts, previous.slots if previous else [], settings.ports())
-        generation = (previous.config_generation if previous else 0) + (1 if plan.changed or not previous else 0)
+        generation = previous.config_generation if previous else 0
+        if plan.changed or previous is None:
+            generation += 1
         recorded = Assignment(generation, plan.slots, [h.assignment_fields() for h in hosts])
         if not dry_run:
             home.save_assignment(recorded)

@@ -109,7 +109,7 @@ class LocalCluster:
 
 
 def free_port(address: str) -> int:
-    """A TCP port that is free on address right now."""
+    """Return a TCP port that is free on address right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((address, 0))
         return probe.getsockname()[1]
@@ -148,7 +148,7 @@ def run_demo(directory: Path | None, keep: bool) -> int:
     """Bring up the demo cluster, show assign, apply, status and a crash restart, then stop it."""
     root = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="quil-demo-"))
     if directory and (root / "coord").exists():
-        raise StateError(f"{root} holds an earlier demo; pass an empty --dir or none")
+        raise StateError(f"{root} already contains a demo; pass an empty --dir or none")
     root.mkdir(parents=True, exist_ok=True)
     # SIGTERM ends the demo like Ctrl-C, so the agents and workers are stopped too.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

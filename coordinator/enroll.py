@@ -7,7 +7,7 @@ A join, in order:
   3. the request is checked: signing request, worker address, agent port
   4. the coordinator picks the host name (from the token, else from the token
      id), signs the request's key for that name and records the host
-  5. auto-apply: once the new agent answers, assign and apply run
+  5. auto-apply: once the new agent responds, assign and apply run.
 Every failed token check gets the same message and an audit log line.
 """
 
@@ -37,7 +37,7 @@ from .inventory import Host
 
 log = logging.getLogger(__name__)
 
-# Seconds the auto-apply waits for a joined host's agent to answer.
+# Seconds the auto-apply waits for a joined host's agent to respond.
 AGENT_WAIT_SECONDS = 60.0
 DEFAULT_ENROLL_PORT = 7351
 
@@ -123,7 +123,7 @@ def _source_address(peer: str) -> str:
 
 
 class AutoApply:
-    """Assign and apply after joins, one run at a time, once every joined agent answers."""
+    """Assign and apply after joins, one run at a time, once every joined agent responds."""
 
     def __init__(self, home: Home) -> None:
         self.home = home
@@ -187,7 +187,7 @@ class AutoApply:
         while waiting:
             waiting = [h for h in waiting if not _answers(credentials, h)]
             if waiting and time.monotonic() > deadline:
-                raise InventoryError(f"joined hosts {', '.join(h.name for h in waiting)} did not answer within "
+                raise InventoryError(f"joined hosts {', '.join(h.name for h in waiting)} did not respond within "
                                      f"{AGENT_WAIT_SECONDS:.0f} s; start quil-agent run on them")
             time.sleep(0.1 if waiting else 0)
 

@@ -51,7 +51,7 @@ class Settings:
     stream_base_port: int = DEFAULT_STREAM_BASE_PORT
     # Allow loopback worker addresses (a cluster on one machine, such as the demo).
     local: bool = False
-    # Assign and apply as soon as a joined host's agent answers.
+    # Assign and apply as soon as a joined host's agent responds.
     auto_apply: bool = True
     # Lifetime of agent certificates, in days; apply and serve renew them at about two thirds.
     agent_cert_days: int = 7

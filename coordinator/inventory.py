@@ -40,7 +40,7 @@ class Host:
     firewall: str = "off"
 
     def assignment_fields(self) -> dict[str, Any]:
-        """The fields an assignment depends on; certificate renewals leave them unchanged."""
+        """Return the fields an assignment depends on; certificate renewals leave them unchanged."""
         return {k: v for k, v in self.to_dict().items() if k not in ("serial", "cert_not_after")}
 
     def to_dict(self) -> dict[str, Any]:
@@ -54,7 +54,7 @@ class Host:
         reserve = self.reserve if self.reserve is not None else (1 if self.control else 0)
         if cpus is None:
             raise InventoryError(f"host {self.name}: CPU count unknown; set it with --cpus or --workers")
-        # A count reported by an agent is capped like --cpus, so a bogus answer cannot exhaust memory.
+        # A count reported by an agent is capped like --cpus, so a bogus report cannot exhaust memory.
         if not 1 <= cpus <= MAX_WORKERS_PER_HOST:
             raise InventoryError(f"host {self.name}: CPU count {cpus} is outside 1-{MAX_WORKERS_PER_HOST}; pass --workers")
         count = cpus - reserve

@@ -155,7 +155,7 @@ _CELL = {"open": "open", "refused": "refused", "timeout": "filtered", "error": "
 
 
 def verify_text(report) -> str:
-    """The reachability grid (rows: worker ports, columns: sources), then one line per violation."""
+    """Format the reachability grid (rows: worker ports, columns: sources), then one line per violation."""
     lines = []
     if report.local:
         lines.append("local cluster: all hosts share this machine's network, so exposure between hosts is not "

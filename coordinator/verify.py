@@ -7,7 +7,7 @@
   4. audit listeners: each worker must listen only on its planned addresses
   5. check each agent port refuses a TLS handshake without a client certificate
 In a local cluster (every host on this machine) probes between hosts cannot
-show isolation, so steps 2 and 3 are skipped and the report says so.
+show isolation, so steps 2 and 3 are skipped and the report states that.
 """
 
 from __future__ import annotations
