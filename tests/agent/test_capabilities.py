@@ -6,15 +6,19 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
+
+from quil_cluster.agent import capabilities as capabilities_module
 
 # Runs as an unprivileged user that holds CAP_NET_ADMIN in its ambient set, as systemd
 # would start the agent with deploy/quil-agent-firewall.conf.
 SCRIPT = textwrap.dedent("""
     import subprocess, threading
-    from quil_cluster.agent import capabilities
+    import capabilities
 
     def effective(label):
         out = subprocess.run(["grep", "^CapEff", "/proc/self/status"], capture_output=True, text=True).stdout
@@ -35,6 +39,31 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.fixture
+def unprivileged_run(tmp_path):
+    """Run a script as nobody with the capabilities module importable from a world-readable copy.
+
+    The checkout (and its virtual environment) may sit in a directory only root can enter,
+    so the script uses a copy of the module, which needs only the standard library.
+    """
+    setpriv = _setpriv()
+    directory = Path(tempfile.mkdtemp(prefix="quil-caps-"))
+    directory.chmod(0o755)
+    shutil.copy(capabilities_module.__file__, directory / "capabilities.py")
+    (directory / "capabilities.py").chmod(0o644)
+    python = shutil.which("python3.11", path="/usr/bin:/usr/local/bin") or sys.executable
+
+    def run(script: str, *cap_options: str) -> subprocess.CompletedProcess:
+        argv = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *cap_options, python, "-c", script]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=directory,
+                              env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(directory)})
+
+    try:
+        yield run
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def _setpriv() -> str:
     path = shutil.which("setpriv")
     if os.geteuid() != 0 or path is None:
@@ -44,27 +73,20 @@ def _setpriv() -> str:
     return path
 
 
-def test_net_admin_reaches_only_commands_run_inside_block():
-    setpriv = _setpriv()
-    argv = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=+net_admin",
-            "--ambient-caps=+net_admin", sys.executable, "-c", SCRIPT]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd="/",
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+def test_net_admin_reaches_only_commands_run_inside_block(unprivileged_run):
+    result = unprivileged_run(SCRIPT, "--inh-caps=+net_admin", "--ambient-caps=+net_admin")
     assert result.returncode == 0, result.stderr
     lines = dict(line.split() for line in result.stdout.splitlines())
     assert lines == {"before_clear": "1", "after_clear": "0", "inside": "1", "other_thread": "0",
                      "after_block": "0"}
 
 
-def test_ambient_without_permitted_capability_raises():
-    setpriv = _setpriv()
-    script = ("from quil_cluster.agent import capabilities\n"
+def test_ambient_without_permitted_capability_raises(unprivileged_run):
+    script = ("import capabilities\n"
               "try:\n"
               "    with capabilities.ambient(capabilities.CAP_NET_ADMIN):\n"
               "        pass\n"
               "except capabilities.CapabilityError as err:\n"
               "    print('raised', err.errno)\n")
-    argv = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", script]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd="/",
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    assert result.stdout.strip() == "raised 1"
+    result = unprivileged_run(script)
+    assert result.stdout.strip() == "raised 1", result.stderr
