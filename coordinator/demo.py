@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterator
 
-from ..common.errors import StateError
+from ..common.errors import QuilClusterError, StateError
 from ..common.exitcodes import ExitCode
 from ..simnode import write_wrapper
 from . import cli
@@ -122,18 +122,20 @@ def _wait_port(config: Path, process: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + AGENT_START_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"agent {config} exited with status {process.returncode}; see its agent.log")
+            raise DemoError(f"agent {config} exited with status {process.returncode}; see its agent.log")
         with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
             return
         time.sleep(0.05)
-    raise RuntimeError(f"agent {config} did not listen on {host}:{port} within {AGENT_START_TIMEOUT:.0f} s")
+    raise DemoError(f"agent {config} did not listen on {host}:{port} within {AGENT_START_TIMEOUT:.0f} s")
 
 
 @contextlib.contextmanager
 def demo_cluster(root: Path) -> Iterator[LocalCluster]:
     cluster = LocalCluster(root)
+    # Other programs on this machine may hold ports near 40000 on these addresses.
+    base = free_base_port([address for _, address, _, _ in DEMO_HOSTS], max(w for _, _, w, _ in DEMO_HOSTS))
     try:
-        _check(cluster.init(), "init")
+        _check(cluster.init(None, "--base-port", str(base)), "init")
         for name, address, workers, control in DEMO_HOSTS:
             extra = ["--workers", str(workers)] + (["--control"] if control else [])
             _check(cluster.add_host(name, address, *extra), f"host add {name}")
@@ -185,4 +187,25 @@ def _show_crash_restart(cluster: LocalCluster) -> None:
 
 def _check(code: int, step: str) -> None:
     if code != ExitCode.OK:
-        raise RuntimeError(f"demo step '{step}' failed with exit status {code}")
+        raise DemoError(f"demo step '{step}' failed with exit status {code}; see the output above")
+
+
+class DemoError(QuilClusterError):
+    """Raised when a step of the demo fails."""
+
+
+def free_base_port(addresses: list[str], count: int, start: int = 40000) -> int:
+    """Return the first port p from start such that p .. p+count-1 are free on every address."""
+    for base in range(start, 65535 - count, count):
+        if all(_port_free(address, port) for address in addresses for port in range(base, base + count)):
+            return base
+    raise DemoError(f"no {count} free consecutive ports on {', '.join(addresses)}")
+
+
+def _port_free(address: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((address, port))
+        except OSError:
+            return False
+    return True
