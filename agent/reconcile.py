@@ -30,6 +30,7 @@ from ..common.errors import ConfigError
 from ..common.states import ALIVE_STATES, State
 from ..common.files import write_atomic
 from .config import AgentConfig
+from . import hostinfo
 from .firewalling import FirewallManager
 from .supervisor import ProcessSpec, Supervisor
 
@@ -75,6 +76,7 @@ class ApplyResult:
     restarted: list[int] = field(default_factory=list)
     control: str = "none"  # none, started, restarted, stopped, held
     firewall_changed: bool = False
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,7 @@ class Reconciler:
         self._converge_workers(plan, result)
         self._converge_control(plan, run_control, hold_control, result)
         result.firewall_changed = self._converge_firewall(firewall_mode, firewall_policy)
+        result.warnings = self._warnings(plan)
         self.desired.config_sha256 = plan.config_sha256
         self.desired.config_generation = config_generation
         self.desired.node_generation = generation
@@ -287,6 +290,11 @@ class Reconciler:
             raise RequestError(invalid, "revoked_serials must be lower-case hex serial numbers")
         self.desired.revoked_serials = sorted(set(serials))
         self._revoked = frozenset(serials)
+
+    def _warnings(self, plan: _Plan) -> list[str]:
+        ports = [int(bind.rsplit("/", 1)[1]) for spec in plan.specs.values() for bind in spec.binds]
+        warning = hostinfo.ephemeral_warning(ports, hostinfo.ephemeral_range())
+        return [warning] if warning else []
 
     def _check_firewall(self, mode: str, policy: HostPolicy | None) -> tuple[str, HostPolicy | None]:
         invalid = grpc.StatusCode.INVALID_ARGUMENT

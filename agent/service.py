@@ -24,6 +24,7 @@ from ..common.states import State
 from ..proto import agent_pb2 as pb
 from ..proto import agent_pb2_grpc as pb_grpc
 from .config import AgentConfig
+from . import hostinfo
 from .identity import AgentIdentity, InstallError
 from .probe import ProbeError, probe_all
 from .reconcile import CONTROL, Reconciler, RequestError, generation_name
@@ -90,6 +91,7 @@ class AgentService(pb_grpc.AgentServicer):
             node_binary_sha256=self._node_binary_sha256(),
             worker_address=self.config.worker_address,
             node_config_dir=str(self.config.node_config_dir),
+            node_version=hostinfo.node_version(self.config.node_binary),
         )
 
     def Apply(self, request: pb.ApplyRequest, context: grpc.ServicerContext) -> pb.ApplyResponse:
@@ -110,7 +112,7 @@ class AgentService(pb_grpc.AgentServicer):
         return pb.ApplyResponse(
             changed=result.changed, config_changed=result.config_changed, started=result.started,
             stopped=result.stopped, restarted=result.restarted, control=_CONTROL_ENUM[result.control],
-            firewall_changed=result.firewall_changed,
+            firewall_changed=result.firewall_changed, warnings=result.warnings,
         )
 
     def StopAll(self, request: pb.StopAllRequest, context: grpc.ServicerContext) -> pb.StopAllResponse:
@@ -172,6 +174,8 @@ class AgentService(pb_grpc.AgentServicer):
             config_sha256=desired.config_sha256,
             processes=[_process_status(info) for info in self.reconciler.supervisor.snapshot()],
             cert_not_after=self.identity.not_after,
+            node_version=hostinfo.node_version(self.config.node_binary),
+            config_file_sha256=hostinfo.file_sha256(self.reconciler.config_path),
         )
 
     def _node_binary_sha256(self) -> str:

@@ -56,6 +56,7 @@ class HostResult:
     restarted: list[int] = field(default_factory=list)
     control: str = "none"
     firewall_changed: bool = False
+    warnings: list[str] = field(default_factory=list)
     error: str = ""
     exit_code: ExitCode = ExitCode.OK
 
@@ -130,7 +131,7 @@ def _apply(home: Home) -> ApplyReport:
 
     # 2. preflight: an agent whose agent.yaml disagrees with the inventory would reject its
     #    cores after other hosts had already changed, so stop before anyone changes
-    mismatched = _preflight(credentials, hosts)
+    mismatched = _preflight(credentials, hosts, settings.node_generation)
     if mismatched:
         results = {h.name: mismatched.get(h.name) or HostResult(
             h.name, "skipped", error=f"not applied: {', '.join(sorted(mismatched))} failed the preflight")
@@ -168,8 +169,12 @@ def _release_control(credentials: Credentials, hosts: list[Host], control: Host,
     result.outcome = "changed"
 
 
-def _preflight(credentials: Credentials, hosts: list[Host]) -> dict[str, HostResult]:
-    """Return a failed result for every reachable host whose agent binds another address than recorded."""
+def _preflight(credentials: Credentials, hosts: list[Host], generation: str) -> dict[str, HostResult]:
+    """Return a failed result for every reachable host whose agent disagrees with the inventory.
+
+    It disagrees when it binds another address than recorded, or when its node
+    binary's file name carries another release than the cluster's generation.
+    """
 
     def check(host: Host) -> HostResult | None:
         channel, stub = credentials.stub(host)
@@ -179,14 +184,25 @@ def _preflight(credentials: Credentials, hosts: list[Host]) -> dict[str, HostRes
             return None  # phase one reports it
         finally:
             channel.close()
-        if facts.worker_address == host.address:
+        message = _disagreement(host, facts, generation)
+        if message is None:
             return None
-        message = (f"the agent's worker_address is {facts.worker_address}, the inventory says {host.address};"
-                   f" make them agree (edit agent.yaml on the host, or quil-coord host set {host.name} --address)")
         return HostResult(host.name, "failed", error=message, exit_code=ExitCode.HOST_FAILED)
 
     found = for_each_host(hosts, check)
     return {name: result for name, result in found.items() if result is not None}
+
+
+def _disagreement(host: Host, facts: pb.HostFacts, generation: str) -> str | None:
+    if facts.worker_address != host.address:
+        return (f"the agent's worker_address is {facts.worker_address}, the inventory says {host.address};"
+                f" make them agree (edit agent.yaml on the host, or quil-coord host set {host.name} --address)")
+    release = ".".join(facts.node_version.split(".")[:2])
+    if facts.node_version and release != generation:
+        return (f"the node binary {facts.node_binary_path} is release {facts.node_version}, but the cluster "
+                f"renders configs for node {generation}; install a {generation} binary, or create the cluster "
+                f"with quil-coord init --generation {release}")
+    return None
 
 
 def _call_apply(credentials: Credentials, host: Host, request: pb.ApplyRequest) -> HostResult:
@@ -201,7 +217,7 @@ def _call_apply(credentials: Credentials, host: Host, request: pb.ApplyRequest) 
     return HostResult(
         name=host.name, outcome="changed" if reply.changed else "unchanged", config_changed=reply.config_changed,
         started=list(reply.started), stopped=list(reply.stopped), restarted=list(reply.restarted), control=control,
-        firewall_changed=reply.firewall_changed,
+        firewall_changed=reply.firewall_changed, warnings=list(reply.warnings),
     )
 
 

@@ -67,6 +67,7 @@ def apply_lines(report: ApplyReport) -> str:
             parts.append(host.error)
         detail = "; ".join(p for p in parts if p)
         lines.append(f"{host.name}: {host.outcome}" + (f" ({detail})" if detail else ""))
+        lines += [f"{host.name}: warning: {warning}" for warning in host.warnings]
     counts = {o: sum(1 for h in report.hosts if h.outcome == o)
               for o in ("unchanged", "changed", "failed", "unreachable", "skipped")}
     lines.append(", ".join(f"{n} {o}" for o, n in counts.items()) +
@@ -94,6 +95,12 @@ def status_table(hosts: list[HostStatus]) -> str:
         rows += [(host.name, core, "missing", "", "", "", "", "assigned but not running; run apply")
                  for core in host.expected_cores if core not in seen]
     body = table(("HOST", "CORE", "STATE", "PID", "UPTIME", "RESTARTS", "LISTENING", "DETAIL"), rows)
+    versions = sorted({h.node_version for h in hosts if h.node_version})
+    if len(versions) > 1:
+        body += "\nwarning: hosts run different node releases: " + ", ".join(
+            f"{h.name} {h.node_version}" for h in hosts if h.node_version)
+    body += "".join(f"\n{h.name}: config.yml was changed after the last apply (drift); quil-coord apply restores it"
+                    for h in hosts if h.drifted)
     expiry = [f"{h.name} {h.cert_expires_in_days:.1f}" for h in hosts if h.cert_expires_in_days is not None]
     if expiry:
         body += "\nagent certificates expire in (days): " + ", ".join(expiry)

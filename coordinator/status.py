@@ -27,6 +27,9 @@ class HostStatus:
     processes: list[dict] = field(default_factory=list)
     config_generation: int = 0
     cert_expires_in_days: float | None = None
+    node_version: str = ""
+    # config.yml on the host differs from what the last apply wrote there.
+    drifted: bool = False
     error: str = ""
     exit_code: ExitCode = ExitCode.OK
 
@@ -58,6 +61,8 @@ def _host_status(credentials: Credentials, host: Host, expected: list[int]) -> H
     now = time.time()
     if reply.cert_not_after:
         status.cert_expires_in_days = round((reply.cert_not_after - now) / 86400, 2)
+    status.node_version = reply.node_version
+    status.drifted = bool(reply.config_sha256) and reply.config_file_sha256 != reply.config_sha256
     status.processes = [_process(p, now) for p in reply.processes]
     return status
 

@@ -218,3 +218,22 @@ def test_verify_on_local_cluster_checks_agent_ports(capsys, applied):
     assert report["violations"] == []
     assert set(report["agent_ports"].values()) == {"rejected"}
     assert sorted(report["agent_ports"]) == ["A", "B", "C", "D"]
+
+
+def test_edited_config_shows_drift_until_apply(capsys, applied):
+    path = applied.root / "nodes" / "C" / ".config" / "config.yml"
+    path.write_text(path.read_text().replace("pendingCommitWorkers: 4", "pendingCommitWorkers: 9"))
+    assert _status(capsys, applied)["C"]["drifted"] is True
+    assert applied.coord("assign") == 0
+    code, report = _json(capsys, applied, "apply")
+    assert code == 0
+    assert next(h for h in report["hosts"] if h["name"] == "C")["config_changed"] is True
+    assert _status(capsys, applied)["C"]["drifted"] is False
+
+
+def test_apply_warns_about_ephemeral_ports(capsys, applied):
+    code, report = _json(capsys, applied, "apply")
+    low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    inside = low <= applied.base_port <= high
+    assert code == 0
+    assert all(bool(h["warnings"]) == inside for h in report["hosts"])

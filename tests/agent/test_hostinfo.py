@@ -1,0 +1,47 @@
+"""Node version from the binary's name, the ephemeral port warning, and the config hash on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from quil_cluster.agent import hostinfo
+
+
+@pytest.mark.parametrize("name, version", [
+    ("node-2.1.0.25-linux-amd64", "2.1.0.25"),
+    ("node-1.4.21-linux-arm64", "1.4.21"),
+    ("node-2.0.6.3-darwin-arm64", "2.0.6.3"),
+    ("node", ""),
+    ("quilibrium", ""),
+])
+def test_node_version_from_file_name(name, version):
+    assert hostinfo.node_version(Path("/opt/q") / name) == version
+
+
+def test_ephemeral_range_read_from_kernel_file(tmp_path):
+    path = tmp_path / "ip_local_port_range"
+    path.write_text("32768\t60999\n")
+    assert hostinfo.ephemeral_range(path) == (32768, 60999)
+    assert hostinfo.ephemeral_range(tmp_path / "missing") is None
+    path.write_text("garbage\n")
+    assert hostinfo.ephemeral_range(path) is None
+
+
+def test_ephemeral_warning_names_ports_and_fix():
+    assert hostinfo.ephemeral_warning([40000, 40001, 40002], (32768, 60999)) == (
+        "worker ports 40000-40002 are inside this host's ephemeral port range 32768-60999, so an outgoing "
+        "connection can take one before its worker starts; reserve them with "
+        "sysctl -w net.ipv4.ip_local_reserved_ports=40000-40002, or choose a base port below 32768")
+
+
+def test_ephemeral_warning_absent_outside_range():
+    assert hostinfo.ephemeral_warning([25000, 25001], (32768, 60999)) is None
+    assert hostinfo.ephemeral_warning([40000], None) is None
+
+
+def test_file_sha256_of_missing_file_is_empty(tmp_path):
+    assert hostinfo.file_sha256(tmp_path / "none") == ""
+    (tmp_path / "c").write_bytes(b"x")
+    assert hostinfo.file_sha256(tmp_path / "c") == "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"
