@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grpc
 
@@ -98,10 +98,40 @@ def apply_lock(home: Home, wait: bool) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def apply(home: Home, wait: bool = False) -> ApplyReport:
-    """Run one apply while holding the apply lock (see the module docstring for the steps)."""
+def apply(home: Home, wait: bool = False, confirm_moves: Callable[[list[str]], bool] | None = None) -> ApplyReport:
+    """Run one apply while holding the apply lock (see the module docstring for the steps).
+
+    In 2.1 a core's index keys the worker's store and shard state, so cores that
+    move to another host since the last apply need confirm_moves(lines) to
+    return True; without it such an apply raises InventoryError.
+    """
     with apply_lock(home, wait):
-        return _apply(home)
+        _check_moves(home, confirm_moves)
+        report = _apply(home)
+        if report.exit_code == ExitCode.OK:
+            _record_applied(home)
+        return report
+
+
+def _check_moves(home: Home, confirm: Callable[[list[str]], bool] | None) -> None:
+    settings = home.load_settings()
+    assignment = home.load_assignment()
+    if settings.node_generation != "2.1" or assignment is None:
+        return
+    before = {s.core: s.host for s in home.load_applied()}
+    moves = [f"core {s.core}: {before[s.core]} -> {s.host}" for s in assignment.slots
+             if s.core in before and before[s.core] != s.host]
+    if not moves or (confirm is not None and confirm(moves)):
+        return
+    raise InventoryError(f"{len(moves)} cores move to another host ({'; '.join(moves)}); each resyncs its "
+                         "shard state there, so confirm with quil-coord apply --yes")
+
+
+def _record_applied(home: Home) -> None:
+    assignment = home.load_assignment()
+    if assignment is not None:
+        with home.locked():
+            home.save_applied(assignment.slots)
 
 
 def _apply(home: Home) -> ApplyReport:

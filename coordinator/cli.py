@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--json", action="store_true", help="print JSON instead of lines")
     apply.add_argument("--wait", action="store_true", help="wait for a running apply to finish instead of failing")
     apply.add_argument("--no-verify", action="store_true", help="do not run verify after the apply")
+    apply.add_argument("--yes", action="store_true", help="apply even when 2.1 cores move to another host")
 
     verify = sub.add_parser("verify", help="measure which hosts reach which worker ports, against the policy")
     verify.add_argument("--json", action="store_true", help="print JSON instead of the grid")
@@ -125,6 +126,7 @@ def _add_host_parsers(sub: argparse._SubParsersAction) -> None:
     remove = host.add_parser("remove", help="stop a host's workers, revoke its certificate, then assign and apply")
     remove.add_argument("name")
     remove.add_argument("--no-apply", action="store_true", help="only remove from the inventory and revoke")
+    remove.add_argument("--yes", action="store_true", help="apply even when 2.1 cores move to another host")
     renew = host.add_parser("renew", help="renew a host's agent certificate now")
     renew.add_argument("name")
     change = host.add_parser("set", help="change a host (run assign and apply afterwards)")
@@ -244,7 +246,7 @@ def _remove_host(home: Home, args: argparse.Namespace) -> int:
     if not home.load_hosts():
         return ExitCode.OK
     code = cmd_assign(argparse.Namespace(home=args.home, json=False, dry_run=False))
-    report = apply(home)
+    report = apply(home, confirm_moves=lambda moves: args.yes or _ask_moves(moves))
     print(output.apply_lines(report))
     return max(code, report.exit_code)
 
@@ -339,11 +341,19 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from .apply import apply
 
     home = _home(args)
-    report = apply(home, wait=args.wait)
+    report = apply(home, wait=args.wait, confirm_moves=lambda moves: args.yes or _ask_moves(moves))
     print(output.apply_json(report) if args.json else output.apply_lines(report))
     if report.exit_code != ExitCode.OK or args.no_verify:
         return report.exit_code
     return _run_verify(home, as_json=False, quiet_when_ok=args.json)
+
+
+def _ask_moves(moves: list[str]) -> bool:
+    """Ask on a terminal whether moved cores may go ahead; never when stdin is not a terminal."""
+    if not sys.stdin.isatty():
+        return False
+    print("these cores move to another host and resync their shard state there:", *moves, sep="\n  ")
+    return input("apply? [y/N] ").strip().lower() in ("y", "yes")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
   cluster.yaml      settings: name, node generation, ports, control config path
   hosts.yaml        the inventory
   assignment.json   the recorded core assignment and its config generation
+  applied.json      the assignment of the last apply that reached every host
   ca.key, ca.crt    the cluster CA (key mode 0600)
   ca-next.key, ca-next.crt   the new CA while the CA is rotated (both are trusted)
   coordinator.key, coordinator.crt   the coordinator's client certificate
@@ -209,6 +210,19 @@ class Home:
             return None
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise StateError(f"{path}: unreadable assignment ({err}); restore {path}.bak or run assign") from err
+
+    def load_applied(self) -> list[Slot]:
+        """Slots of the last apply that reached every host (empty before the first)."""
+        path = self.file("applied.json")
+        try:
+            return slots_from_rows(json.loads(path.read_text()))
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise StateError(f"{path}: unreadable ({err}); delete it, and the next apply records it again") from err
+
+    def save_applied(self, slots: list[Slot]) -> None:
+        write_atomic(self.file("applied.json"), json.dumps(slots_to_rows(slots)).encode(), mode=0o600)
 
     def save_assignment(self, assignment: Assignment) -> None:
         data = {
