@@ -20,6 +20,7 @@ other values stay byte-identical, then loads the result to prove it.
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from typing import Any, Union
 
 import yaml
 
-from . import multiaddr
+from . import multiaddr, nodekeys
 from .errors import ConfigError, MultiaddrError
 from .multiaddr import TcpMultiaddr
 
@@ -36,6 +37,7 @@ __all__ = [
     "NodeConfig",
     "WorkerAddress",
     "WorkerLists",
+    "check_known_keys",
     "legacy_keys",
     "load",
     "render",
@@ -152,6 +154,20 @@ def legacy_keys(cfg: NodeConfig, generation: str) -> list[str]:
     _single_list(generation)  # raises ConfigError for an unknown generation
     ignored = [(name, _engine_value(cfg, name)) for name in _IGNORED_KEYS[generation]]
     return [f"{ENGINE}.{name}" for name, value in ignored if value is not None and value.value]
+
+
+def check_known_keys(cfg: NodeConfig, generation: str) -> None:
+    """Raise ConfigError for the first key under engine, p2p or db, in file order, that generation does not read.
+
+    The node ignores such keys without a message. Nested settings are checked
+    where nodekeys.SECTION_KEYS lists them. A section or nested setting whose
+    value is not a mapping (null, a number, a list) is skipped and left to the
+    checks of its type.
+    """
+    _single_list(generation)  # raises ConfigError for an unknown generation
+    for key, value in _merged_entries(cfg.tree):
+        if key.value in (ENGINE, "p2p", "db"):
+            _check_section(cfg, generation, key.value, value)
 
 
 def render(cfg: NodeConfig, generation: str, p2p: list[str], stream: list[str] | None = None) -> str:
@@ -580,6 +596,62 @@ def _verify(cfg: NodeConfig, text: str, updates: dict[str, Value]) -> None:
             f"{cfg.source}: rendering the worker lists would change other settings, "
             "probably through a YAML anchor or alias; write the engine worker keys as plain values"
         )
+
+
+# Checking key names
+
+
+def _check_section(cfg: NodeConfig, generation: str, path: str, node: yaml.Node) -> None:
+    """Check the keys of the mapping at the dotted path, then the nested mappings that SECTION_KEYS lists."""
+    if not isinstance(node, yaml.MappingNode):
+        return
+    sections = nodekeys.SECTION_KEYS[generation]
+    for key, value in _merged_entries(node):
+        name = f"{path}.{key.value}"
+        if key.value in sections[path]:
+            if name in sections:
+                _check_section(cfg, generation, name, value)
+        elif name not in nodekeys.IGNORED_KEYS[generation]:
+            raise ConfigError(f"{_line(cfg, key)}: {_unknown_key_message(generation, path, key.value)}")
+
+
+def _unknown_key_message(generation: str, path: str, name: str) -> str:
+    head = f"unknown key '{path}.{name}' for node {generation}"
+    others = [
+        other
+        for other, sections in nodekeys.SECTION_KEYS.items()
+        if other != generation and name in sections.get(path, ())
+    ]
+    if others:
+        replacement = nodekeys.REPLACEMENTS.get(generation, {}).get(f"{path}.{name}")
+        action = f"use '{replacement}' instead" if replacement else "remove it"
+        return f"{head}; it is a node {' and '.join(others)} key, which node {generation} ignores, so {action}"
+    matches = difflib.get_close_matches(name, sorted(nodekeys.SECTION_KEYS[generation][path]), n=1)
+    if matches:
+        hint = f"did you mean '{matches[0]}'?"
+    else:
+        hint = f"check its spelling against the keys that node {generation} writes to a new config.yml."
+    return f"{head}; {hint} The node ignores unknown keys, so fix or remove it"
+
+
+def _merged_entries(mapping: yaml.MappingNode) -> list[tuple[yaml.Node, yaml.Node]]:
+    """Return the entries of mapping in file order, with the entries of a merge key ('<<') in its place.
+
+    yaml.v2 applies merge keys too, so the merged names reach the node.
+    load() rejects list and mapping keys, which PyYAML cannot hash, so every
+    key is a scalar. Merge values that are not mappings are skipped, because
+    load() rejects them as well.
+    """
+    entries = []
+    for key, value in mapping.value:
+        if key.tag != _MERGE_TAG:
+            entries.append((key, value))
+            continue
+        merged = value.value if isinstance(value, yaml.SequenceNode) else [value]
+        for item in merged:
+            if isinstance(item, yaml.MappingNode):
+                entries.extend(_merged_entries(item))
+    return entries
 
 
 # Node tree helpers

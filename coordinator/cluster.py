@@ -50,6 +50,7 @@ def init(home: Home, control_config: Path, *, name: str, generation: str | None,
     config = read_control_config(settings)
     settings.node_generation = generation or detect_generation(config)
     config.worker_lists(settings.node_generation)  # rejects an engine section of the wrong shape
+    nodeconfig.check_known_keys(config, settings.node_generation)
     settings.base_port = DEFAULT_BASE_PORT[settings.node_generation] if base_port is None else base_port
     if stream_base_port is not None:
         settings.stream_base_port = stream_base_port

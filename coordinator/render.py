@@ -37,6 +37,8 @@ def read_control_config(settings: Settings) -> nodeconfig.NodeConfig:
 def render(settings: Settings, slots: list[Slot]) -> str:
     """Render the canonical config for the assignment; raises ConfigError on an unusable control config."""
     config = read_control_config(settings)
+    # The node ignores misspelt keys silently; refuse to push a config that carries one.
+    nodeconfig.check_known_keys(config, settings.node_generation)
     first, stream = worker_lists(settings, slots)
     text = nodeconfig.render(config, settings.node_generation, first, stream)
     # Check the result the way the agents will, so a bad render never leaves here.

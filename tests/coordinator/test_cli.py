@@ -336,3 +336,26 @@ def test_firewall_show_unknown_host_is_rejected(home, capsys, tmp_path):
     code, err = _run(home, capsys, "firewall", "show", "--host", "Z")
     assert code == 3
     assert err == "error: unknown host 'Z'; known hosts: A"
+
+
+def test_apply_with_misspelt_key_writes_nothing(home, capsys, tmp_path):
+    _add(home, tmp_path, "A", "192.0.2.10", 7350, "--control", "--workers", "1")
+    assert main(["--home", str(home), "assign"]) == 0
+    control = tmp_path / "config.yml"
+    control.write_text(control.read_text().replace("  dataWorkerMultiaddrs: []", "  dataWorkersMultiaddrs: []"))
+    before = _snapshot(home)
+    code, err = _run(home, capsys, "apply")
+    assert code == 3
+    assert err == (f"error: {control}:98: unknown key 'engine.dataWorkersMultiaddrs' for node 1.4; did you mean "
+                   "'dataWorkerMultiaddrs'? The node ignores unknown keys, so fix or remove it")
+    assert _snapshot(home) == before
+
+
+def test_init_with_misspelt_key_is_rejected(tmp_path, capsys):
+    control = tmp_path / "config.yml"
+    control.write_text((DATA / "config-1.4.21.yml").read_text().replace("  filter:", "  filtre:"))
+    code, err = _run(tmp_path / "c", capsys, "init", "--control-config", str(control))
+    assert code == 3
+    assert err.startswith(f"error: {control}:")
+    assert "unknown key 'engine.filtre' for node 1.4; did you mean 'filter'?" in err
+    assert not (tmp_path / "c" / "cluster.yaml").exists()
