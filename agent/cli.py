@@ -20,7 +20,7 @@ import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from ..common import logsetup  # noqa: E402
-from ..common.errors import QuilClusterError, TLSError  # noqa: E402
+from ..common.errors import QuilClusterError, TLSError, UnreachableError  # noqa: E402
 from ..common.exitcodes import ExitCode  # noqa: E402
 from . import config as agent_config  # noqa: E402
 
@@ -70,11 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "join":
             return run_join(args)
         return run(args.config)
-    except TLSError as err:
-        log.error("%s", err)
-        return ExitCode.TLS
     except QuilClusterError as err:
-        log.error("%s", err)
+        # join is run by hand, so its errors read as one line; run logs them for the journal.
+        if args.command == "join":
+            print(f"error: {err}", file=sys.stderr)
+        else:
+            log.error("%s", err)
         return _exit_code(err)
     except KeyboardInterrupt:
         return ExitCode.INTERRUPTED
@@ -83,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
 def _exit_code(err: QuilClusterError) -> int:
     from .join import JoinFailed
 
+    if isinstance(err, TLSError):
+        return ExitCode.TLS
+    if isinstance(err, UnreachableError):
+        return ExitCode.UNREACHABLE
     return ExitCode.HOST_FAILED if isinstance(err, JoinFailed) else ExitCode.CONFIG
 
 

@@ -27,7 +27,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from ..common import pki
-from ..common.errors import ConfigError, QuilClusterError, StateError, TLSError
+from ..common.errors import ConfigError, QuilClusterError, StateError, TLSError, UnreachableError
 from ..common.yamlio import dump
 from ..proto import enroll_pb2 as epb
 from ..proto import enroll_pb2_grpc as epb_grpc
@@ -102,8 +102,11 @@ def _unverified_chain(host: str, port: int) -> list[bytes]:
                 # NOTE: Python 3.13 made this public; 3.11 and 3.12 have it only on the private _sslobj.
                 getter = getattr(tls_socket, "get_unverified_chain", None) or tls_socket._sslobj.get_unverified_chain
                 return [_to_pem(cert) for cert in getter() or []]
-    except (OSError, ssl.SSLError) as err:
+    except ssl.SSLError as err:
         raise TLSError(f"could not verify the coordinator at {host}:{port}: {err}") from err
+    except OSError as err:
+        raise UnreachableError(f"{host}:{port}", f"cannot connect to the coordinator ({err.strerror or err}); "
+                               "check the address and that quil-coord serve runs") from err
 
 
 def _to_pem(cert: object) -> bytes:

@@ -614,3 +614,12 @@ def serial_hex(cert_pem: bytes) -> str:
 def not_after(cert_pem: bytes) -> float:
     """Return the certificate's expiry as Unix time in seconds."""
     return _load_cert(cert_pem, "certificate").not_valid_after_utc.timestamp()
+
+
+def issued_by(cert_pem: bytes, ca_pem: bytes) -> bool:
+    """Whether the CA certificate signed the certificate."""
+    try:
+        _check_issued_by(_load_cert(cert_pem, "certificate"), _load_cert(ca_pem, "CA certificate"), "", "")
+    except TLSError:
+        return False
+    return True

@@ -381,6 +381,8 @@ def cmd_firewall(args: argparse.Namespace) -> int:
     slots = assignment.slots if assignment else []
     chosen = [h for h in hosts if not h.probe_only and (args.host is None or h.name == args.host)]
     if args.host is not None and not chosen:
+        if any(h.name == args.host for h in hosts):
+            raise InventoryError(f"host {args.host} is probe-only: it runs no workers, so it has no worker ports")
         raise InventoryError(f"unknown host '{args.host}'; known hosts: {', '.join(h.name for h in hosts)}")
     print("\n\n".join(render_show(host_policy(settings, hosts, slots, h)) for h in chosen))
     return ExitCode.OK

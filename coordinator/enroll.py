@@ -13,6 +13,7 @@ Every failed token check gets the same message and an audit log line.
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import json
 import logging
@@ -52,7 +53,9 @@ def enroll_host(home: Home, token: tokens.TokenRecord, request: epb.JoinRequest)
             raise InventoryError(f"invalid agent port {request.agent_port}: use 1 to 65535")
         if token.workers is None and request.logical_cpus < 1:
             raise InventoryError("the join request reports no CPUs; create a token with --workers N")
-        name = token.host_name or f"host-{token.id}"
+        # Each use of a multi-use token gets its own name: host-ID, host-ID-2, host-ID-3 ...
+        use = token.uses_total - token.uses_left
+        name = token.host_name or (f"host-{token.id}" if use <= 1 else f"host-{token.id}-{use}")
         if any(h.name == name for h in hosts):
             raise InventoryError(f"host name {name} is already in the inventory; create a token with another --host-name")
         endpoint = f"[{address}]:{request.agent_port}" if ":" in address else f"{address}:{request.agent_port}"
@@ -180,12 +183,13 @@ class AutoApply:
             log.error("auto-apply after joins of %s failed: %s; run quil-coord apply", ", ".join(sorted(names)), err)
 
     def _wait_for_agents(self, names: set[str]) -> None:
-        hosts = [h for h in self.home.load_hosts() if h.name in names]
         credentials = Credentials(self.home)
         deadline = time.monotonic() + AGENT_WAIT_SECONDS
-        waiting = list(hosts)
+        waiting = [h for h in self.home.load_hosts() if h.name in names]
         while waiting:
-            waiting = [h for h in waiting if not _answers(credentials, h)]
+            # A host removed meanwhile is no longer waited for.
+            current = {h.name for h in self.home.load_hosts()}
+            waiting = [h for h in waiting if h.name in current and not _answers(credentials, h)]
             if waiting and time.monotonic() > deadline:
                 raise InventoryError(f"joined hosts {', '.join(h.name for h in waiting)} did not respond within "
                                      f"{AGENT_WAIT_SECONDS:.0f} s; start quil-agent run on them")
@@ -230,16 +234,34 @@ class Renewer:
 
 
 class EnrollmentServer:
-    def __init__(self, server: grpc.Server, port: int, auto_apply: AutoApply, renewer: Renewer) -> None:
+    def __init__(self, server: grpc.Server, port: int, auto_apply: AutoApply, renewer: Renewer, lock) -> None:
         self.server = server
         self.port = port
         self.auto_apply = auto_apply
         self.renewer = renewer
+        self._lock = lock
 
     def stop(self) -> None:
         self.server.stop(grace=2.0).wait(5.0)
         self.auto_apply.close()
         self.renewer.close()
+        self._lock.close()
+
+
+def _hold_serve_lock(home: Home):
+    """Hold serve.lock for the life of this process, so a second serve on the same state fails fast."""
+    handle = open(home.file("serve.lock"), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise InventoryError(f"quil-coord serve is already running for {home.path} ({holder}); stop it first") from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle
 
 
 def build_server(home: Home, listen: str, advertise: str) -> EnrollmentServer:
@@ -252,6 +274,7 @@ def build_server(home: Home, listen: str, advertise: str) -> EnrollmentServer:
     4. record the address in serve.json for quil-coord token create
     """
     settings = home.load_settings()
+    lock = _hold_serve_lock(home)
     # 1. certificate
     host = advertise.rpartition(":")[0].strip("[]")
     try:
@@ -279,6 +302,7 @@ def build_server(home: Home, listen: str, advertise: str) -> EnrollmentServer:
     except RuntimeError as err:
         auto_apply.close()
         renewer.close()
+        lock.close()
         raise InventoryError(f"cannot listen on {listen} ({err}); is quil-coord serve already running?") from err
     server.start()
     # 4. serve.json
@@ -286,7 +310,7 @@ def build_server(home: Home, listen: str, advertise: str) -> EnrollmentServer:
     write_atomic(home.file("serve.json"), json.dumps({"address": advertised, "pid": os.getpid()}).encode(),
                  mode=0o600)
     log.info("listening: enrollment on %s (advertised as %s)", listen, advertised)
-    return EnrollmentServer(server, port, auto_apply, renewer)
+    return EnrollmentServer(server, port, auto_apply, renewer, lock)
 
 
 def advertised_address(home: Home) -> str | None:

@@ -180,7 +180,8 @@ def verify_text(report) -> str:
     lines += [f"violation: {text}" for text in report.violations]
     lines += [f"error: {name}: {reason}" for name, reason in sorted(report.errors.items())]
     probes = len(report.cells)
-    lines.append(f"{probes} probes, {len(report.violations)} violations" + ("" if report.violations else "; ok"))
+    count = len(report.violations)
+    lines.append(f"{probes} probes, {count} violation{'' if count == 1 else 's'}" + ("" if count else "; ok"))
     return "\n".join(lines)
 
 

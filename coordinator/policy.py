@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..common.errors import ConfigError
+from ..common.errors import ConfigError, InventoryError
 from ..common.firewall import HostPolicy, PortRule
 from .assign import Slot
 from .home import Settings
@@ -77,7 +77,10 @@ def expected(target: Target, source: Host, control: Host) -> str | None:
 
 def host_policy(settings: Settings, hosts: list[Host], slots: list[Slot], host: Host) -> HostPolicy:
     """The firewall policy of one host: private classes open to the control host only."""
-    control = next(h for h in hosts if h.control)
+    control = next((h for h in hosts if h.control), None)
+    if control is None:
+        raise InventoryError("no control host, so no host may reach private worker ports; "
+                             "mark one with quil-coord host set NAME --control")
     by_class: dict[str, list[int]] = {}
     exposure_of: dict[str, str] = {}
     for target in targets(settings, [s for s in slots if s.host == host.name]):

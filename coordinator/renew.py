@@ -16,7 +16,8 @@ from typing import Callable
 import grpc
 
 from ..common import pki
-from ..common.errors import HostError
+from ..common.errors import HostError, InventoryError, UnreachableError
+from ..common.exitcodes import ExitCode
 from ..proto import agent_pb2 as pb
 from .bundle import sign_agent_csr
 from .client import CALL_TIMEOUT, Credentials, call_error, for_each_host
@@ -47,7 +48,7 @@ def renew_host(home: Home, name: str, ca_bundle: bytes | None = None) -> float:
     settings = home.load_settings()
     host = next((h for h in home.load_hosts() if h.name == name), None)
     if host is None:
-        raise HostError(name, "not in the inventory")
+        raise InventoryError(f"unknown host '{name}'; see quil-coord host list")
     channel, stub = Credentials(home).stub(host)
     try:
         csr = stub.CreateCSR(pb.CreateCSRRequest(), timeout=CALL_TIMEOUT).csr_pem
@@ -56,7 +57,9 @@ def renew_host(home: Home, name: str, ca_bundle: bytes | None = None) -> float:
         request = pb.InstallCertificateRequest(cert_pem=cert, ca_bundle_pem=bundle)
         reply = stub.InstallCertificate(request, timeout=CALL_TIMEOUT)
     except grpc.RpcError as err:
-        raise HostError(name, f"certificate renewal failed ({call_error(err).reason})") from err
+        failure = call_error(err)
+        kind = UnreachableError if failure.exit_code == ExitCode.UNREACHABLE else HostError
+        raise kind(name, f"certificate renewal failed ({failure.reason})") from err
     finally:
         channel.close()
     _record(home, name, cert)

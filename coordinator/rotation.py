@@ -60,6 +60,11 @@ def finish_ca_rotation(home: Home) -> dict[str, str]:
     if not home.rotating():
         raise StateError("no CA rotation is in progress; start one with quil-coord ca rotate")
     next_ca = home.file("ca-next.crt").read_bytes()
+    # ca rotate issues the coordinator's certificate from the next CA only after every host
+    # moved; until then an agent that trusts only the next CA would lock the coordinator out.
+    if not pki.issued_by(home.file("coordinator.crt").read_bytes(), next_ca):
+        raise StateError("ca rotate has not moved every host yet; run quil-coord ca rotate until no host "
+                         "fails, then ca finish")
     results = _renew_all(home, next_ca)
     failed = sorted(name for name, outcome in results.items() if outcome != "renewed")
     if failed:
@@ -79,6 +84,6 @@ def _renew_all(home: Home, bundle: bytes) -> dict[str, str]:
             renew_host(home, host.name, ca_bundle=bundle)
             return "renewed"
         except HostError as err:
-            return str(err)
+            return str(err).removeprefix(f"{host.name}: ")
 
     return for_each_host(home.load_hosts(), renew)

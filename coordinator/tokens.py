@@ -159,9 +159,13 @@ def create(
         check_counts(workers, None, None)
     if host_name is not None:
         check_name(host_name)
+        if uses != 1:
+            raise TokenError(f"--host-name names one host, so it needs --uses 1 (not {uses})")
     now = time.time() if now is None else now
 
     with home.locked():
+        if host_name is not None and any(h.name == host_name for h in home.load_hosts()):
+            raise TokenError(f"host {host_name} is already in the inventory; choose another --host-name")
         records = _prune_records(_load(home), now)
         token_id = _new_id({r.id for r in records})
         secret = base64.urlsafe_b64encode(secrets.token_bytes(SECRET_BYTES)).rstrip(b"=").decode("ascii")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from ..common.errors import InventoryError
 from ..common.exitcodes import ExitCode
 from ..proto import agent_pb2 as pb
 from . import policy
@@ -72,13 +73,17 @@ def verify(home: Home) -> VerifyReport:
         assignment = home.load_assignment()
     slots = assignment.slots if assignment else []
     control = next((h for h in hosts if h.control), None)
+    if control is None:
+        raise InventoryError("no control host, so there is no authorized source to verify against; "
+                             "mark one with quil-coord host set NAME --control")
     credentials = Credentials(home)
     report = VerifyReport(local=settings.local)
-    # 1.-3. probes
-    if control is not None and not settings.local:
+    # 1.-3. probes; a source whose agent did not respond is an error, not a violation
+    if not settings.local:
         grid = _expected_grid(policy.targets(settings, slots), hosts, control)
         report.cells = _measure(credentials, hosts, grid, report.errors)
-        report.violations += [_probe_violation(cell, control, settings) for cell in report.cells if not cell.ok]
+        report.violations += [_probe_violation(cell, control, settings) for cell in report.cells
+                              if not cell.ok and cell.observed != "unreachable"]
     # 4. listeners
     report.violations += _audit_listeners(credentials, hosts, settings, slots, report.errors)
     # 5. agent ports

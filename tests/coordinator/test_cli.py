@@ -359,3 +359,25 @@ def test_init_with_misspelt_key_is_rejected(tmp_path, capsys):
     assert err.startswith(f"error: {control}:")
     assert "unknown key 'engine.filtre' for node 1.4; did you mean 'filter'?" in err
     assert not (tmp_path / "c" / "cluster.yaml").exists()
+
+
+def test_verify_without_control_host_is_rejected(home, capsys, tmp_path):
+    _add(home, tmp_path, "B", "192.0.2.11", 7350, "--workers", "1")
+    code, err = _run(home, capsys, "verify")
+    assert code == 3
+    assert err == ("error: no control host, so there is no authorized source to verify against; "
+                   "mark one with quil-coord host set NAME --control")
+
+
+def test_firewall_show_without_control_host_is_rejected(home, capsys, tmp_path):
+    _add(home, tmp_path, "B", "192.0.2.11", 7350, "--workers", "1")
+    code, err = _run(home, capsys, "firewall", "show")
+    assert code == 3
+    assert err == ("error: no control host, so no host may reach private worker ports; "
+                   "mark one with quil-coord host set NAME --control")
+
+
+def test_host_renew_unknown_host_is_rejected(home, capsys):
+    code, err = _run(home, capsys, "host", "renew", "nosuch")
+    assert code == 3
+    assert err == "error: unknown host 'nosuch'; see quil-coord host list"

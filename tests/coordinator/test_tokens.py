@@ -70,14 +70,32 @@ def test_create_token_format_and_record(home):
 
 
 def test_create_carries_limits(home):
-    _, record = tokens.create(home, ttl_seconds=60, uses=3, workers=8, host_name="worker-7.lan", now=NOW)
+    _, record = tokens.create(home, ttl_seconds=60, uses=1, workers=8, host_name="worker-7.lan", now=NOW)
+    _, shared = tokens.create(home, ttl_seconds=60, uses=3, workers=8, now=NOW)
 
     assert record.expires == NOW + 60
-    assert record.uses_left == 3
-    assert record.uses_total == 3
+    assert record.uses_left == 1
+    assert shared.uses_left == 3
+    assert shared.uses_total == 3
     assert record.workers == 8
     assert record.host_name == "worker-7.lan"
-    assert tokens.list_tokens(home, now=NOW) == [record]
+    assert tokens.list_tokens(home, now=NOW) == [record, shared]
+
+
+def test_create_host_name_needs_single_use(home):
+    with pytest.raises(tokens.TokenError) as err:
+        tokens.create(home, uses=2, host_name="w1", now=NOW)
+    assert str(err.value) == "--host-name names one host, so it needs --uses 1 (not 2)"
+
+
+def test_create_host_name_already_in_inventory(home):
+    from quil_cluster.coordinator.inventory import Host
+
+    home.path.mkdir()
+    home.save_hosts([Host("w1", "192.0.2.5", "192.0.2.5:7350", control=True, workers=1)])
+    with pytest.raises(tokens.TokenError) as err:
+        tokens.create(home, host_name="w1", now=NOW)
+    assert str(err.value) == "host w1 is already in the inventory; choose another --host-name"
 
 
 def test_create_ids_and_secrets_unique(home):
@@ -107,7 +125,8 @@ def test_store_files_mode_0600(home):
 
 
 def test_create_boundary_values_accepted(home):
-    _, longest = tokens.create(home, ttl_seconds=7 * DAY, uses=1000, workers=4096, host_name="a" * 63, now=NOW)
+    _, longest = tokens.create(home, ttl_seconds=7 * DAY, uses=1000, workers=4096, now=NOW)
+    _, named = tokens.create(home, ttl_seconds=7 * DAY, uses=1, workers=4096, host_name="a" * 63, now=NOW)
     _, shortest = tokens.create(home, ttl_seconds=1, uses=1, workers=1, host_name="A", now=NOW)
 
     assert longest.expires == NOW + 7 * DAY

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -206,3 +207,22 @@ def test_twenty_concurrent_joins_get_disjoint_cores(served, capsys):
         per_host.setdefault(worker["host"], []).append(worker["core"])
     assert sorted(len(cores) for cores in per_host.values()) == [2] * 21
     assert all(cores == list(range(cores[0], cores[0] + len(cores))) for cores in per_host.values())
+
+
+def test_multi_use_token_names_each_host(served):
+    cluster, server = served
+    home = Home(cluster.home)
+    token, _ = tokens.create(home, uses=2, workers=1)
+    stub = _stub(cluster, server)
+    first = stub.Join(_request(token, "127.0.0.13"), timeout=10)
+    second = stub.Join(_request(token, "127.0.0.14"), timeout=10)
+    token_id = token[4:12]
+    assert (first.host_name, second.host_name) == (f"host-{token_id}", f"host-{token_id}-2")
+
+
+def test_second_serve_on_same_state_is_rejected(served):
+    cluster, _ = served
+    with pytest.raises(Exception) as err:
+        enroll.build_server(Home(cluster.home), "127.0.0.1:0", "127.0.0.1:0")
+    assert str(err.value) == (f"quil-coord serve is already running for {cluster.home} (pid {os.getpid()}); "
+                              "stop it first")

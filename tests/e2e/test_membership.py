@@ -164,3 +164,32 @@ def test_agent_with_revoked_certificate_is_refused(cluster, capsys):
     assert hosts["C"]["error"] == (
         f"unauthenticated: the agent presents revoked certificate {victim.serial}; enroll the host again")
     assert hosts["A"]["reachable"] is True
+
+
+def test_ca_finish_refuses_until_rotate_moved_every_host(cluster, capsys):
+    cluster.stop_agent("C")
+    before = (cluster.root / "hosts" / "A" / "ca.crt").read_bytes()
+    capsys.readouterr()
+    assert cluster.coord("ca", "rotate") == 4
+    assert (cluster.root / "hosts" / "A" / "ca.crt").read_bytes().count(b"BEGIN CERTIFICATE") == 2
+    moved = (cluster.root / "hosts" / "A" / "ca.crt").read_bytes()
+    capsys.readouterr()
+    assert cluster.coord("ca", "finish") == 3
+    assert capsys.readouterr().err.strip() == (
+        "error: ca rotate has not moved every host yet; run quil-coord ca rotate until no host fails, "
+        "then ca finish")
+    assert (cluster.root / "hosts" / "A" / "ca.crt").read_bytes() == moved != before
+    cluster.start_agent("C")
+    assert cluster.coord("ca", "rotate") == 0
+    assert cluster.coord("ca", "finish") == 0
+    assert cluster.coord("status") == 0
+
+
+def test_verify_with_stopped_agent_is_an_error_not_a_violation(cluster, capsys):
+    cluster.stop_agent("B")
+    capsys.readouterr()
+    assert cluster.coord("verify", "--json") == 5
+    report = json.loads(capsys.readouterr().out)
+    assert report["violations"] == []
+    assert report["errors"]["B"].startswith("unavailable:")
+    assert report["agent_ports"]["B"] == "unreachable"
