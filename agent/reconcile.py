@@ -111,13 +111,17 @@ class Reconciler:
     def apply(self, config_yaml: bytes, config_sha256: str, config_generation: int, generation: str,
               cores: list[int], run_control: bool, hold_control: bool,
               revoked_serials: list[str] | None = None,
-              firewall: tuple[str, HostPolicy | None] = ("off", None)) -> ApplyResult:
+              firewall: tuple[str, HostPolicy | None] = ("off", None),
+              keys: tuple[bytes, str] = (b"", "")) -> ApplyResult:
         plan = self._plan(config_yaml, config_sha256, generation, cores, run_control)
         firewall_mode, firewall_policy = self._check_firewall(*firewall)
+        self._check_keys(*keys)
         if revoked_serials is not None:
             self._set_revoked(revoked_serials)
         result = ApplyResult()
         result.config_changed = self._write_config(plan)
+        if keys[0]:
+            result.config_changed = self._write_keys(keys[0]) or result.config_changed
         self._converge_workers(plan, result)
         self._converge_control(plan, run_control, hold_control, result)
         result.firewall_changed = self._converge_firewall(firewall_mode, firewall_policy)
@@ -290,6 +294,28 @@ class Reconciler:
             raise RequestError(invalid, "revoked_serials must be lower-case hex serial numbers")
         self.desired.revoked_serials = sorted(set(serials))
         self._revoked = frozenset(serials)
+
+    def _check_keys(self, data: bytes, sha256: str) -> None:
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        if not data:
+            return
+        if len(data) > MAX_CONFIG_BYTES:
+            raise RequestError(invalid, f"keys.yml is {len(data)} bytes; the limit is {MAX_CONFIG_BYTES}")
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise RequestError(invalid, "keys_sha256 does not match the keys.yml content; nothing was written")
+
+    def _write_keys(self, data: bytes) -> bool:
+        """Write keys.yml next to config.yml (0600, previous kept as .bak); never logs its content."""
+        path = self.config.node_config_dir / "keys.yml"
+        try:
+            if path.read_bytes() == data:
+                return False
+        except FileNotFoundError:
+            pass
+        self.config.node_config_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomic(path, data, mode=0o600, backup=path.exists())
+        log.info("wrote: %s (%d bytes)", path, len(data))
+        return True
 
     def _warnings(self, plan: _Plan) -> list[str]:
         ports = [int(bind.rsplit("/", 1)[1]) for spec in plan.specs.values() for bind in spec.binds]

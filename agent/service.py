@@ -103,6 +103,7 @@ class AgentService(pb_grpc.AgentServicer):
                 bytes(request.config_yaml), request.config_sha256, request.config_generation,
                 generation_name(request.node_generation), list(request.cores), request.run_control,
                 request.hold_control, list(request.revoked_serials), _firewall_of(request),
+                (bytes(request.keys_yaml), request.keys_sha256),
             )
         except RequestError as err:
             log.warning("apply rejected: %s (from %s)", err.message, context.peer())

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Union
@@ -724,3 +725,29 @@ def _line(cfg: NodeConfig, node: yaml.Node) -> str:
 def _join(path: str, key: yaml.Node) -> str:
     name = key.value if isinstance(key, yaml.ScalarNode) else "?"
     return f"{path}.{name}" if path else name
+
+
+def set_value(cfg: NodeConfig, section: str, key: str, value: str) -> str:
+    """Return cfg's text with section.key set to the string value and every other byte kept.
+
+    The key is added at the end of the section when missing. Raises ConfigError
+    when the section is missing or not a mapping, or when the edit would change
+    anything else (an alias, say).
+    """
+    entry = _lookup(cfg.tree, section)
+    if entry is None or not isinstance(entry[1], yaml.MappingNode) or not entry[1].value:
+        raise ConfigError(f"{cfg.source}: no '{section}' settings to put {section}.{key} in; add a {section} section")
+    mapping = entry[1]
+    found = _lookup(mapping, key)
+    if found is None:
+        edit = _insert_keys(cfg.text, mapping, {key: value})  # type: ignore[dict-item]
+    else:
+        node = found[1]
+        edit = (node.start_mark.index, node.end_mark.index, json.dumps(value))
+    text = _apply(cfg.text, [edit])
+    expected = copy.deepcopy(cfg.data)
+    expected[section][key] = value
+    if load(text, cfg.source).data != expected:
+        raise ConfigError(f"{cfg.source}: setting {section}.{key} would change other settings, probably through "
+                          "a YAML anchor or alias; write it as a plain value")
+    return text

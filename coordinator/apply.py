@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import time
@@ -32,7 +33,7 @@ from .policy import host_policy
 from .cluster import check_assignment_current
 from .home import Home
 from .inventory import Host
-from .render import render
+from .render import read_keys, render, render_for_host
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +155,17 @@ def _apply(home: Home) -> ApplyReport:
 
     firewalls = {h.name: firewall_message(h.firewall, host_policy(settings, hosts, assignment.slots, h))
                  for h in hosts}
+    control_host = next(h for h in hosts if h.control)
+    texts = {h.name: render_for_host(settings, text, h.control, control_host.address) for h in hosts}
+    keys = read_keys(settings) if settings.node_generation == "2.1" and len(hosts) > 1 else b""
 
     def request(host: Host, hold: bool) -> pb.ApplyRequest:
-        return apply_request(text, settings.node_generation, assignment.config_generation, cores[host.name],
-                             host.control, hold, revoked, firewalls[host.name])
+        message = apply_request(texts[host.name], settings.node_generation, assignment.config_generation,
+                                cores[host.name], host.control, hold, revoked, firewalls[host.name])
+        if keys and not host.control:
+            message.keys_yaml = keys
+            message.keys_sha256 = hashlib.sha256(keys).hexdigest()
+        return message
 
     # 2. preflight: an agent whose agent.yaml disagrees with the inventory would reject its
     #    cores after other hosts had already changed, so stop before anyone changes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..common import multiaddr, nodeconfig
@@ -45,3 +46,38 @@ def render(settings: Settings, slots: list[Slot]) -> str:
     nodeconfig.worker_addresses(nodeconfig.load(text, source=f"rendered {settings.control_config}"),
                                 settings.node_generation)
     return text
+
+
+# The control process's stream port when its config leaves p2p.streamListenMultiaddr empty (2.1).
+DEFAULT_STREAM_PORT = 8340
+
+
+def control_stream_address(config: nodeconfig.NodeConfig, control_address: str) -> str:
+    """Address a 2.1 worker host dials to reach the control process: the control host's IP and stream port."""
+    p2p = config.data.get("p2p")
+    value = p2p.get("streamListenMultiaddr") if isinstance(p2p, dict) else None
+    match = re.search(r"/tcp/(\d+)", value or "")
+    port = int(match.group(1)) if match else DEFAULT_STREAM_PORT
+    return multiaddr.format_tcp(control_address, port)
+
+
+def render_for_host(settings: Settings, canonical: str, host_is_control: bool, control_address: str) -> str:
+    """The config one host gets: the canonical one, plus for 2.1 worker hosts the control host's stream address.
+
+    A 2.1 worker dials the control process at p2p.streamListenMultiaddr, and the
+    default /ip4/0.0.0.0/tcp/8340 would point it at its own host.
+    """
+    if settings.node_generation != "2.1" or host_is_control:
+        return canonical
+    config = nodeconfig.load(canonical, source=settings.control_config)
+    return nodeconfig.set_value(config, "p2p", "streamListenMultiaddr", control_stream_address(config, control_address))
+
+
+def read_keys(settings: Settings) -> bytes:
+    """The control host's keys.yml, which 2.1 worker hosts need; next to the control config.yml."""
+    path = Path(settings.control_config).parent / "keys.yml"
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the control host's keys.yml ({err.strerror}); 2.1 workers on other "
+                          "hosts need it, so copy it next to the control config.yml") from err

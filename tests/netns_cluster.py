@@ -30,6 +30,7 @@ class BedCluster:
         name = "config-2.1.0.25.yml" if self.generation == "2.1" else "config-1.4.21.yml"
         control = self.root / name
         control.write_bytes((DATA / name).read_bytes())
+        (self.root / "keys.yml").write_bytes((DATA / "keys.yml").read_bytes())
         assert self.local("init", "--control-config", str(control), "--generation", self.generation, *extra) == 0
 
     def local(self, *argv: str) -> int:

@@ -19,6 +19,7 @@ def test_remove_middle_host_of_2_1_cluster(tmp_path, capsys):
     cluster = LocalCluster(tmp_path, generation="2.1", node_version="2.1.0.25")
     control = tmp_path / "config-2.1.0.25.yml"
     control.write_bytes((DATA / "config-2.1.0.25.yml").read_bytes())
+    (tmp_path / "keys.yml").write_bytes((DATA / "keys.yml").read_bytes())
     addresses = [a for a, _ in HOSTS.values()]
     p2p, stream = free_port_range(addresses, 4, start=26300), free_port_range(addresses, 4, start=33900)
     assert cluster.init(control, "--base-port", str(p2p), "--stream-base-port", str(stream)) == 0
@@ -49,6 +50,14 @@ def test_remove_middle_host_of_2_1_cluster(tmp_path, capsys):
         assert engine["dataWorkerP2PMultiaddrs"][2:4] == [f"/ip4/127.0.0.5/tcp/{p2p}", f"/ip4/127.0.0.5/tcp/{p2p + 1}"]
         assert engine["dataWorkerStreamMultiaddrs"][4:7] == [
             f"/ip4/127.0.0.4/tcp/{stream + i}" for i in range(3)]
+        # worker hosts get the control host's keys and its stream address; the control host keeps its own
+        keys = tmp_path / "nodes" / "C" / ".config" / "keys.yml"
+        assert keys.read_bytes() == (DATA / "keys.yml").read_bytes()
+        assert keys.stat().st_mode & 0o777 == 0o600
+        assert config["p2p"]["streamListenMultiaddr"] == "/ip4/127.0.0.2/tcp/8340"
+        control_config = yaml.safe_load((tmp_path / "nodes" / "A" / ".config" / "config.yml").read_text())
+        assert control_config["p2p"]["streamListenMultiaddr"] == ""
+        assert not (tmp_path / "nodes" / "A" / ".config" / "keys.yml").exists()
         # a second apply has nothing to confirm
         assert cluster.coord("apply") == 0
     finally:
