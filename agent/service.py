@@ -45,6 +45,8 @@ POLICY = {
     _SERVICE + "CreateCSR": _WRITERS,
     _SERVICE + "InstallCertificate": _WRITERS,
     _SERVICE + "Probe": _WRITERS,
+    # Only the coordinator: the file carries the node's private keys.
+    _SERVICE + "GetConfig": _WRITERS,
 }
 
 # Bounds on what one client can make the server hold.
@@ -167,6 +169,12 @@ class AgentService(pb_grpc.AgentServicer):
             pb.ProbeResult(target=target, outcome=_PROBE_ENUM[outcome], detail=detail)
             for target, (outcome, detail) in zip(request.targets, outcomes)
         ])
+
+    def GetConfig(self, request: pb.GetConfigRequest, context: grpc.ServicerContext) -> pb.GetConfigResponse:
+        try:
+            return pb.GetConfigResponse(config_yaml=self.reconciler.config_path.read_bytes(), exists=True)
+        except FileNotFoundError:
+            return pb.GetConfigResponse(exists=False)
 
     def _status(self) -> pb.StatusResponse:
         desired = self.reconciler.desired

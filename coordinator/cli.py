@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="measure which hosts reach which worker ports, against the policy")
     verify.add_argument("--json", action="store_true", help="print JSON instead of the grid")
 
+    config = sub.add_parser("config", help="the node config each host gets").add_subparsers(
+        dest="config_command", required=True)
+    config_show = config.add_parser("show", help="print a host's rendered config.yml (secrets masked)")
+    config_show.add_argument("--host", help="the host (default: the control host)")
+    config_show.add_argument("--diff", action="store_true", help="show the difference from the host's file instead")
+
     firewall = sub.add_parser("firewall", help="firewall rules for the worker ports").add_subparsers(
         dest="firewall_command", required=True)
     show = firewall.add_parser("show", help="print the nftables and ufw rules each host gets")
@@ -372,6 +378,15 @@ def _run_verify(home: Home, as_json: bool, quiet_when_ok: bool) -> int:
     return report.exit_code
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from . import configview
+
+    home = _home(args)
+    text = configview.diff(home, args.host) if args.diff else configview.show(home, args.host)
+    sys.stdout.write(text)
+    return ExitCode.OK
+
+
 def cmd_firewall(args: argparse.Namespace) -> int:
     from ..common.firewall import render_show
     from .policy import host_policy
@@ -408,5 +423,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[Any], int]] = {
     "init": cmd_init, "host": cmd_host, "assign": cmd_assign, "apply": cmd_apply, "status": cmd_status,
-    "demo": cmd_demo, "verify": cmd_verify, "firewall": cmd_firewall, "token": cmd_token, "serve": cmd_serve, "ca": cmd_ca, "cert": cmd_cert,
+    "demo": cmd_demo, "verify": cmd_verify, "firewall": cmd_firewall, "config": cmd_config, "token": cmd_token, "serve": cmd_serve, "ca": cmd_ca, "cert": cmd_cert,
 }

@@ -74,6 +74,11 @@ class AgentStub:
                 request_serializer=agent__pb2.ProbeRequest.SerializeToString,
                 response_deserializer=agent__pb2.ProbeResponse.FromString,
                 _registered_method=True)
+        self.GetConfig = channel.unary_unary(
+                '/quil_cluster.agent.v1.Agent/GetConfig',
+                request_serializer=agent__pb2.GetConfigRequest.SerializeToString,
+                response_deserializer=agent__pb2.GetConfigResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -137,6 +142,13 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetConfig(self, request, context):
+        """The config.yml the host has now (quil-coord config show --diff); it carries secrets.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +191,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Probe,
                     request_deserializer=agent__pb2.ProbeRequest.FromString,
                     response_serializer=agent__pb2.ProbeResponse.SerializeToString,
+            ),
+            'GetConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConfig,
+                    request_deserializer=agent__pb2.GetConfigRequest.FromString,
+                    response_serializer=agent__pb2.GetConfigResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -397,6 +414,33 @@ class Agent:
             '/quil_cluster.agent.v1.Agent/Probe',
             agent__pb2.ProbeRequest.SerializeToString,
             agent__pb2.ProbeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quil_cluster.agent.v1.Agent/GetConfig',
+            agent__pb2.GetConfigRequest.SerializeToString,
+            agent__pb2.GetConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -58,6 +58,8 @@ def test_observer_role_reads_but_may_not_apply(running_agent):
     stub = running_agent.client("observer")
     assert stub.GetStatus(pb.GetStatusRequest(), timeout=TIMEOUT).processes == []
     assert _code(stub.Apply, pb.ApplyRequest()) == grpc.StatusCode.PERMISSION_DENIED
+    # the node config carries private keys, so reading it is the coordinator's alone
+    assert _code(stub.GetConfig, pb.GetConfigRequest()) == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_certificate_of_other_cluster_is_unauthenticated(running_agent):

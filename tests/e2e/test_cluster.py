@@ -237,3 +237,22 @@ def test_apply_warns_about_ephemeral_ports(capsys, applied):
     inside = low <= applied.base_port <= high
     assert code == 0
     assert all(bool(h["warnings"]) == inside for h in report["hosts"])
+
+
+def test_config_show_and_diff_mask_secrets(capsys, applied):
+    capsys.readouterr()
+    assert applied.coord("config", "show", "--host", "B") == 0
+    shown = capsys.readouterr().out
+    assert "peerPrivKey: ********" in shown
+    assert "peerPrivKey: REPLACE_WITH_ED448_PEER_PRIVKEY_HEX" not in shown
+    path = applied.root / "nodes" / "B" / ".config" / "config.yml"
+    assert applied.coord("config", "show", "--host", "B", "--diff") == 0
+    assert capsys.readouterr().out == "B: config.yml is up to date\n"
+    path.write_text(path.read_text().replace("peerPrivKey: REPLACE_WITH_ED448_PEER_PRIVKEY_HEX",
+                                             "peerPrivKey: stolen").replace(
+        "pendingCommitWorkers: 4", "pendingCommitWorkers: 5"))
+    assert applied.coord("config", "show", "--host", "B", "--diff") == 0
+    diff = capsys.readouterr().out
+    assert "-  pendingCommitWorkers: 5\n+  pendingCommitWorkers: 4\n" in diff
+    assert "stolen" not in diff
+    assert "peerPrivKey: REPLACE_WITH_ED448" not in diff
