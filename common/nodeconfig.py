@@ -751,3 +751,27 @@ def set_value(cfg: NodeConfig, section: str, key: str, value: str) -> str:
         raise ConfigError(f"{cfg.source}: setting {section}.{key} would change other settings, probably through "
                           "a YAML anchor or alias; write it as a plain value")
     return text
+
+
+def remove_key(cfg: NodeConfig, section: str, key: str) -> str:
+    """Return cfg's text without the lines of section.key; every other byte is kept.
+
+    Only block mappings are edited; a key inside a flow mapping ({...}) raises
+    ConfigError with the fix.
+    """
+    entry = _lookup(cfg.tree, section)
+    found = _lookup(entry[1], key) if entry is not None and isinstance(entry[1], yaml.MappingNode) else None
+    if found is None:
+        return cfg.text
+    if entry[1].flow_style:
+        raise ConfigError(f"{_line(cfg, found[0])}: remove {section}.{key} by hand; it sits in a flow mapping")
+    name, value = found
+    start = cfg.text.rfind("\n", 0, name.start_mark.index) + 1
+    end = _line_end(cfg.text, _content_end(value))
+    end = end + 1 if end < len(cfg.text) and cfg.text[end] == "\n" else end
+    text = cfg.text[:start] + cfg.text[end:]
+    expected = copy.deepcopy(cfg.data)
+    del expected[section][key]
+    if load(text, cfg.source).data != expected:
+        raise ConfigError(f"{cfg.source}: removing {section}.{key} would change other settings; remove it by hand")
+    return text

@@ -33,7 +33,7 @@ from .policy import host_policy
 from .cluster import check_assignment_current
 from .home import Home
 from .inventory import Host
-from .render import read_keys, render, render_for_host
+from .render import read_keys, render_for_host, render_with_warnings
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,8 @@ class ApplyReport:
     seconds: float
     # Host name -> "renewed" or the renewal error, for certificates that were due.
     renewals: dict[str, str] = field(default_factory=dict)
+    # What the render changed beyond the worker lists, with the fix.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> ExitCode:
@@ -149,7 +151,7 @@ def _apply(home: Home) -> ApplyReport:
     # Probe-only hosts run no node processes and get no config.
     hosts = [h for h in everyone if not h.probe_only]
     # 1. render
-    text = render(settings, assignment.slots)
+    text, warnings = render_with_warnings(settings, assignment.slots)
     cores = {h.name: sorted(s.core for s in assignment.slots if s.host == h.name) for h in hosts}
     credentials = Credentials(home)
 
@@ -182,7 +184,7 @@ def _apply(home: Home) -> ApplyReport:
     if results[control.name].control == "held":
         _release_control(credentials, hosts, control, results, lambda h: request(h, hold=False), cores)
     report = ApplyReport(assignment.config_generation, request(control, True).config_sha256,
-                         [results[h.name] for h in hosts], time.monotonic() - started, renewals)
+                         [results[h.name] for h in hosts], time.monotonic() - started, renewals, warnings)
     log.info("apply finished in %.2f s", report.seconds)
     return report
 

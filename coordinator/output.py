@@ -53,7 +53,8 @@ def assignment_table(rows: list[dict], plan: Plan, generation: int, dry_run: boo
 
 
 def apply_lines(report: ApplyReport) -> str:
-    lines = [f"{name}: certificate {outcome}" for name, outcome in sorted(report.renewals.items())]
+    lines = [f"warning: {warning}" for warning in report.warnings]
+    lines += [f"{name}: certificate {outcome}" for name, outcome in sorted(report.renewals.items())]
     for host in report.hosts:
         if host.outcome in ("failed", "unreachable", "skipped"):
             lines.append(f"{host.name}: {host.outcome.upper()} ({host.error})")
@@ -78,7 +79,8 @@ def apply_lines(report: ApplyReport) -> str:
 def apply_json(report: ApplyReport) -> str:
     hosts = [{k: v for k, v in asdict(h).items() if k != "exit_code"} for h in report.hosts]
     return json.dumps({"config_generation": report.config_generation, "config_sha256": report.config_sha256,
-                       "seconds": round(report.seconds, 3), "hosts": hosts}, indent=2)
+                       "seconds": round(report.seconds, 3), "warnings": report.warnings, "hosts": hosts},
+                      indent=2)
 
 
 def status_table(hosts: list[HostStatus]) -> str:

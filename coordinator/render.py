@@ -35,9 +35,31 @@ def read_control_config(settings: Settings) -> nodeconfig.NodeConfig:
     return nodeconfig.load(text, source=str(path))
 
 
+# Keys 2.1 ignores; a 2.1 master that finds only these falls back to local workers.
+LEGACY_2_1 = ("dataWorkerMultiaddrs", "dataWorkerBaseListenPort")
+
+
 def render(settings: Settings, slots: list[Slot]) -> str:
     """Render the canonical config for the assignment; raises ConfigError on an unusable control config."""
+    return render_with_warnings(settings, slots)[0]
+
+
+def render_with_warnings(settings: Settings, slots: list[Slot]) -> tuple[str, list[str]]:
+    """Render the canonical config and list what was changed beyond the worker lists, and why."""
     config = read_control_config(settings)
+    warnings = []
+    if settings.node_generation == "2.1":
+        for key in LEGACY_2_1:
+            engine = config.data.get("engine")
+            if isinstance(engine, dict) and key in engine:
+                config = nodeconfig.load(nodeconfig.remove_key(config, "engine", key), source=settings.control_config)
+                warnings.append(f"removed engine.{key} from the pushed config: node 2.1 ignores it (it reads "
+                                "dataWorkerP2PMultiaddrs and dataWorkerStreamMultiaddrs); remove it from "
+                                f"{settings.control_config} too")
+    return _render_lists(settings, slots, config), warnings
+
+
+def _render_lists(settings: Settings, slots: list[Slot], config: nodeconfig.NodeConfig) -> str:
     # The node ignores misspelt keys silently; refuse to push a config that carries one.
     nodeconfig.check_known_keys(config, settings.node_generation)
     first, stream = worker_lists(settings, slots)
