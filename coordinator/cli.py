@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="measure which hosts reach which worker ports, against the policy")
     verify.add_argument("--json", action="store_true", help="print JSON instead of the grid")
 
+    imp = sub.add_parser("import", help="create the inventory and assignment from the control config's worker list")
+    imp.add_argument("--control-address", help="worker address of the control host (default: the host of core 1)")
+
     config = sub.add_parser("config", help="the node config each host gets").add_subparsers(
         dest="config_command", required=True)
     config_show = config.add_parser("show", help="print a host's rendered config.yml (secrets masked)")
@@ -133,6 +136,12 @@ def _add_host_parsers(sub: argparse._SubParsersAction) -> None:
     remove.add_argument("name")
     remove.add_argument("--no-apply", action="store_true", help="only remove from the inventory and revoke")
     remove.add_argument("--yes", action="store_true", help="apply even when 2.1 cores move to another host")
+    rebundle = host.add_parser("bundle", help="write a fresh agent bundle for a recorded host (revokes the old one)")
+    rebundle.add_argument("name")
+    rebundle.add_argument("--node-binary", help="node binary path on the host (written to agent.yaml)")
+    rebundle.add_argument("--node-config-dir", help="node config directory on the host (written to agent.yaml)")
+    rebundle.add_argument("--state-dir", help="agent state directory on the host (written to agent.yaml)")
+    rebundle.add_argument("--bundle", required=True, type=Path, help="directory to write the agent bundle to")
     renew = host.add_parser("renew", help="renew a host's agent certificate now")
     renew.add_argument("name")
     change = host.add_parser("set", help="change a host (run assign and apply afterwards)")
@@ -226,6 +235,10 @@ def cmd_host(args: argparse.Namespace) -> int:
         print(json.dumps({"hosts": rows}, indent=2) if args.json else output.host_table(rows))
     elif args.host_command == "remove":
         return _remove_host(home, args)
+    elif args.host_command == "bundle":
+        path = cluster.rebundle_host(home, args.name, args.bundle, node_binary=args.node_binary,
+                                     node_config_dir=args.node_config_dir, state_dir=args.state_dir)
+        print(f"wrote a new bundle for host {args.name}; copy {path.parent} to the host and restart its agent")
     elif args.host_command == "renew":
         from .renew import renew_host
 
@@ -378,6 +391,18 @@ def _run_verify(home: Home, as_json: bool, quiet_when_ok: bool) -> int:
     return report.exit_code
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from .importer import import_cluster
+
+    home = _home(args)
+    hosts = import_cluster(home, args.control_address)
+    for host in hosts:
+        print(f"imported host {host.name}: {host.address}, {host.workers} workers" + (", control" if host.control else ""))
+    print("write each host's agent bundle with quil-coord host bundle NAME --bundle DIR (change its agent "
+          "endpoint first with host set NAME --agent HOST:PORT if it is not ADDRESS:7350), then quil-coord apply")
+    return ExitCode.OK
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from . import configview
 
@@ -423,5 +448,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[Any], int]] = {
     "init": cmd_init, "host": cmd_host, "assign": cmd_assign, "apply": cmd_apply, "status": cmd_status,
-    "demo": cmd_demo, "verify": cmd_verify, "firewall": cmd_firewall, "config": cmd_config, "token": cmd_token, "serve": cmd_serve, "ca": cmd_ca, "cert": cmd_cert,
+    "demo": cmd_demo, "verify": cmd_verify, "firewall": cmd_firewall, "config": cmd_config, "import": cmd_import, "token": cmd_token, "serve": cmd_serve, "ca": cmd_ca, "cert": cmd_cert,
 }

@@ -83,6 +83,23 @@ def add_host(home: Home, host: Host, bundle: Path, *, node_binary: str | None, n
     return path
 
 
+def rebundle_host(home: Home, name: str, bundle: Path, *, node_binary: str | None, node_config_dir: str | None,
+                  state_dir: str | None) -> Path:
+    """Write a fresh bundle for a recorded host (after import, or a changed address); revoke its old certificate."""
+    with home.locked():
+        settings = home.load_settings()
+        hosts = home.load_hosts()
+        host = _find(hosts, name)
+        old_serial = host.serial
+        path, host.serial, host.cert_not_after = write_bundle(
+            home, settings.name, host, bundle, days=settings.agent_cert_days, node_binary=node_binary,
+            node_config_dir=node_config_dir, state_dir=state_dir)
+        if old_serial:
+            home.revoke(old_serial)
+        home.save_hosts(hosts)
+    return path
+
+
 def remove_host(home: Home, name: str) -> None:
     """Remove a host from the inventory and revoke its agent certificate."""
     with home.locked():

@@ -18,7 +18,8 @@ from .cluster import check_assignment_current
 from .home import Home
 from .render import read_control_config, render, render_for_host
 
-MASK = "********"
+# Quoted, so the masked text is still valid YAML (a bare * starts an alias).
+MASK = "\"********\""
 # Keys whose values are secrets in any node generation's config.yml.
 SECRET_KEYS = ("peerPrivKey", "encryptionKey")
 _SECRET_LINE = re.compile(r"^(\s*(?:%s)\s*:\s*)(\S.*)$" % "|".join(SECRET_KEYS), re.M)

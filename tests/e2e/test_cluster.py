@@ -243,7 +243,7 @@ def test_config_show_and_diff_mask_secrets(capsys, applied):
     capsys.readouterr()
     assert applied.coord("config", "show", "--host", "B") == 0
     shown = capsys.readouterr().out
-    assert "peerPrivKey: ********" in shown
+    assert 'peerPrivKey: "********"' in shown
     assert "peerPrivKey: REPLACE_WITH_ED448_PEER_PRIVKEY_HEX" not in shown
     path = applied.root / "nodes" / "B" / ".config" / "config.yml"
     assert applied.coord("config", "show", "--host", "B", "--diff") == 0
