@@ -47,6 +47,8 @@ class Plan:
     removed: list[int] = field(default_factory=list)
     # Cores whose host, address or port changed.
     moved: list[int] = field(default_factory=list)
+    # Host name -> how its worker count was chosen.
+    sizing: dict[str, str] = field(default_factory=dict)
 
     @property
     def changed(self) -> bool:

@@ -173,6 +173,8 @@ def _add_count_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--workers", type=int, help="number of data workers on the host")
     group.add_argument("--reserve", type=int, help="CPUs left free; workers = CPUs - reserve")
     parser.add_argument("--cpus", type=int, help="logical CPUs of the host (default: ask its agent)")
+    parser.add_argument("--cpu-basis", choices=("logical", "physical"),
+                        help="count logical CPUs (threads, the default) or physical cores for a derived count")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,7 +227,7 @@ def cmd_host(args: argparse.Namespace) -> int:
     if args.host_command == "add":
         host = Host(name=args.name, address=args.address, agent=args.agent, control=args.control,
                     workers=args.workers, reserve=args.reserve, cpus=args.cpus, probe_only=args.probe_only,
-                    firewall=args.firewall)
+                    firewall=args.firewall, cpu_basis=args.cpu_basis or "logical")
         path = cluster.add_host(home, host, args.bundle, node_binary=args.node_binary,
                                 node_config_dir=args.node_config_dir, state_dir=args.state_dir)
         print(f"added host {host.name}; copy {path.parent} to the host and run: quil-agent run --config agent.yaml")
@@ -246,7 +248,7 @@ def cmd_host(args: argparse.Namespace) -> int:
         print(f"renewed the certificate of host {args.name}; valid until {output.timestamp(not_after)}")
     else:
         changes = dict(address=args.address, agent=args.agent, control=args.control, workers=args.workers,
-                       reserve=args.reserve, cpus=args.cpus, firewall=args.firewall)
+                       reserve=args.reserve, cpus=args.cpus, firewall=args.firewall, cpu_basis=args.cpu_basis)
         cluster.set_host(home, args.name, **changes)
         print(f"updated host {args.name}; run quil-coord assign, then quil-coord apply")
     return ExitCode.OK
@@ -341,15 +343,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_assign(args: argparse.Namespace) -> int:
-    from .facts import cpu_counts
+    from .facts import host_facts
 
     home = _home(args)
     settings = home.load_settings()
-    plan, recorded = cluster.run_assign(home, lambda hosts: cpu_counts(home, hosts), args.dry_run)
+    plan, recorded = cluster.run_assign(home, lambda hosts, required: host_facts(home, hosts, required),
+                                        args.dry_run)
     rows = output.assignment_rows(settings, recorded.slots)
     if args.json:
         print(json.dumps({"config_generation": recorded.config_generation, "recorded": not args.dry_run,
-                          "added": plan.added, "removed": plan.removed, "moved": plan.moved, "workers": rows},
+                          "added": plan.added, "removed": plan.removed, "moved": plan.moved,
+                          "sizing": plan.sizing, "workers": rows},
                          indent=2))
     else:
         print(output.assignment_table(rows, plan, recorded.config_generation, args.dry_run))

@@ -18,7 +18,7 @@ from .render import read_control_config
 
 log = logging.getLogger(__name__)
 
-CPUS_UNKNOWN = Callable[[list[Host]], dict[str, int]]
+FACTS_OF = Callable[[list[Host], set[str]], dict]
 
 
 def detect_generation(config: nodeconfig.NodeConfig) -> str:
@@ -129,15 +129,17 @@ def set_host(home: Home, name: str, **changes: object) -> Host:
         return updated
 
 
-def run_assign(home: Home, cpus_of: CPUS_UNKNOWN, dry_run: bool) -> tuple[Plan, Assignment]:
-    """Compute the assignment and record it unless dry_run; cpus_of queries agents for unknown CPU counts."""
+def run_assign(home: Home, facts_of: FACTS_OF, dry_run: bool) -> tuple[Plan, Assignment]:
+    """Compute the assignment and record it unless dry_run; facts_of queries agents for CPUs and memory."""
     with home.locked():
         settings = home.load_settings()
         hosts = home.load_hosts()
         previous = home.load_assignment()
         workers = [h for h in hosts if not h.probe_only]
-        counts = worker_counts(workers, cpus_of)
+        sizing = worker_sizing(workers, facts_of, worker_memory(read_control_config(settings)))
+        counts = {name: count for name, (count, _) in sizing.items()}
         plan = assign(workers, counts, previous.slots if previous else [], settings.ports())
+        plan.sizing = {name: f"{count} workers: {reason}" for name, (count, reason) in sizing.items()}
         generation = previous.config_generation if previous else 0
         if plan.changed or previous is None:
             generation += 1
@@ -147,10 +149,29 @@ def run_assign(home: Home, cpus_of: CPUS_UNKNOWN, dry_run: bool) -> tuple[Plan, 
         return plan, recorded
 
 
-def worker_counts(hosts: list[Host], cpus_of: CPUS_UNKNOWN) -> dict[str, int]:
-    unknown = [h for h in hosts if h.workers is None and h.cpus is None]
-    detected = cpus_of(unknown) if unknown else {}
-    return {h.name: h.worker_count(h.cpus or detected.get(h.name)) for h in hosts}
+def worker_sizing(hosts: list[Host], facts_of: FACTS_OF, memory_per_worker: int) -> dict[str, tuple[int, str]]:
+    """Host name -> (worker count, how it was chosen); see Host.sizing."""
+    derived = [h for h in hosts if h.workers is None]
+    required = {h.name for h in derived if h.cpus is None}
+    facts = facts_of(derived, required) if derived else {}
+    sizing = {}
+    for host in hosts:
+        found = facts.get(host.name)
+        cpus = host.cpus
+        if cpus is None and found is not None:
+            cpus = found.physical_cpus if host.cpu_basis == "physical" else found.logical_cpus
+        sizing[host.name] = host.sizing(cpus, found.memory_bytes if found else None, memory_per_worker)
+    return sizing
+
+
+# Effective engine.dataWorkerMemoryLimit when the config leaves it 0 (1792 MiB, every generation).
+DEFAULT_WORKER_MEMORY = 1879048192
+
+
+def worker_memory(config) -> int:
+    engine = config.data.get("engine")
+    value = engine.get("dataWorkerMemoryLimit") if isinstance(engine, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else DEFAULT_WORKER_MEMORY
 
 
 def _check_host(host: Host) -> None:

@@ -166,13 +166,13 @@ class AutoApply:
     def _run(self, names: set[str]) -> None:
         from .apply import apply
         from .cluster import run_assign
-        from .facts import cpu_counts
+        from .facts import host_facts
 
         try:
             if not self.home.load_settings().auto_apply:
                 return
             self._wait_for_agents(names)
-            run_assign(self.home, lambda hosts: cpu_counts(self.home, hosts), dry_run=False)
+            run_assign(self.home, lambda hosts, required: host_facts(self.home, hosts, required), dry_run=False)
             report = apply(self.home, wait=True)
             self.runs += 1
             self.last_error = ""

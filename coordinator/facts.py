@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import grpc
 
 from ..common.errors import HostError, UnreachableError
@@ -12,22 +14,35 @@ from .home import Home
 from .inventory import Host
 
 
-def cpu_counts(home: Home, hosts: list[Host]) -> dict[str, int]:
-    """Ask each host's agent for its logical CPU count; raise HostError naming the first that fails."""
+@dataclass(frozen=True)
+class Facts:
+    logical_cpus: int
+    physical_cpus: int
+    memory_bytes: int
+
+
+def host_facts(home: Home, hosts: list[Host], required: set[str]) -> dict[str, Facts]:
+    """Ask each host's agent for its CPUs and memory.
+
+    A host in required must answer (its worker count depends on it): the first
+    that does not raises HostError, or UnreachableError when it cannot be
+    reached. Others that do not answer are left out.
+    """
     credentials = Credentials(home)
 
-    def ask(host: Host) -> int | CallError:
+    def ask(host: Host) -> Facts | CallError:
         channel, stub = credentials.stub(host)
         try:
-            return stub.GetHostFacts(pb.GetHostFactsRequest(), timeout=CALL_TIMEOUT).logical_cpus
+            reply = stub.GetHostFacts(pb.GetHostFactsRequest(), timeout=CALL_TIMEOUT)
         except grpc.RpcError as err:
             return call_error(err)
         finally:
             channel.close()
+        return Facts(reply.logical_cpus, reply.physical_cpus or reply.logical_cpus, reply.memory_bytes)
 
     answers = for_each_host(hosts, ask)
     for name, answer in answers.items():
-        if isinstance(answer, CallError):
+        if isinstance(answer, CallError) and name in required:
             kind = UnreachableError if answer.exit_code == ExitCode.UNREACHABLE else HostError
             raise kind(name, f"cannot read the CPU count from its agent ({answer.reason}); pass --cpus or --workers")
-    return {name: int(answer) for name, answer in answers.items()}  # type: ignore[arg-type]
+    return {name: answer for name, answer in answers.items() if isinstance(answer, Facts)}

@@ -38,19 +38,30 @@ class Host:
     probe_only: bool = False
     # Firewall the agent manages for the host's worker ports: off, nftables or ufw.
     firewall: str = "off"
+    # CPUs counted for a derived worker count: logical (threads) or physical (cores).
+    cpu_basis: str = "logical"
 
     def assignment_fields(self) -> dict[str, Any]:
         """Return the fields an assignment depends on; certificate renewals leave them unchanged."""
         return {k: v for k, v in self.to_dict().items() if k not in ("serial", "cert_not_after")}
 
     def to_dict(self) -> dict[str, Any]:
-        defaults = {"probe_only": False, "firewall": "off"}
+        defaults = {"probe_only": False, "firewall": "off", "cpu_basis": "logical"}
         return {k: v for k, v in asdict(self).items() if v is not None and defaults.get(k, object()) != v}
 
     def worker_count(self, cpus: int | None) -> int:
         """Number of workers: the fixed count, or the CPUs left after the reserve."""
+        return self.sizing(cpus, None, 0)[0]
+
+    def sizing(self, cpus: int | None, memory_bytes: int | None, worker_memory: int) -> tuple[int, str]:
+        """Return the worker count and how it was chosen.
+
+        A derived count is the CPUs (--cpus, else the agent's count on the host's
+        CPU basis) minus the reserve, capped so that count x worker_memory leaves
+        MEMORY_HEADROOM of the host's memory free when the memory is known.
+        """
         if self.workers is not None:
-            return self.workers
+            return self.workers, f"{self.workers} set with --workers"
         reserve = self.reserve if self.reserve is not None else (1 if self.control else 0)
         if cpus is None:
             raise InventoryError(f"host {self.name}: CPU count unknown; set it with --cpus or --workers")
@@ -62,7 +73,18 @@ class Host:
             raise InventoryError(
                 f"host {self.name}: {cpus} CPUs minus reserve {reserve} leaves no worker; lower --reserve"
             )
-        return count
+        reason = f"{cpus} {self.cpu_basis} CPUs - reserve {reserve}"
+        if memory_bytes and worker_memory:
+            fit = (memory_bytes - MEMORY_HEADROOM) // worker_memory
+            if fit < 1:
+                raise InventoryError(f"host {self.name}: {_gib(memory_bytes)} of memory leaves no room for one "
+                                     f"worker of {_gib(worker_memory)} plus {_gib(MEMORY_HEADROOM)} free; "
+                                     "lower engine.dataWorkerMemoryLimit or pass --workers")
+            if fit < count:
+                count = int(fit)
+                reason += (f", capped to {count} so {count} x {_gib(worker_memory)} leaves "
+                           f"{_gib(MEMORY_HEADROOM)} of {_gib(memory_bytes)} free")
+        return count, reason
 
 
 def check_name(name: str) -> str:
@@ -133,6 +155,8 @@ def check_unique(hosts: list[Host]) -> None:
 
 
 _OPTIONAL_INTS = ("workers", "reserve", "cpus")
+# Memory left free on a host after its workers' memory limits (bytes).
+MEMORY_HEADROOM = 2 * 1024**3
 FIREWALL_MODES = ("off", "nftables", "ufw")
 
 
@@ -162,6 +186,8 @@ def _host_from_row(row: Any, where: str) -> Host:
     for key in ("control", "probe_only"):
         if not isinstance(row.get(key, False), bool):
             raise InventoryError(f"{where}: '{key}' must be true or false")
+    if row.get("cpu_basis", "logical") not in ("logical", "physical"):
+        raise InventoryError(f"{where}: cpu_basis '{row.get('cpu_basis')}' is not logical or physical")
     if row.get("firewall", "off") not in FIREWALL_MODES:
         raise InventoryError(f"{where}: firewall '{row.get('firewall')}' is not one of {', '.join(FIREWALL_MODES)}")
     for key in _OPTIONAL_INTS:
@@ -177,3 +203,7 @@ def _host_from_row(row: Any, where: str) -> Host:
     except InventoryError as err:
         raise InventoryError(f"{where}: {err}") from None
     return host
+
+
+def _gib(value: int) -> str:
+    return f"{value / 1024**3:.1f} GiB"

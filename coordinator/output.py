@@ -49,7 +49,8 @@ def assignment_table(rows: list[dict], plan: Plan, generation: int, dry_run: boo
     summary = (f"{len(rows)} workers, {len(plan.added)} new, {len(plan.moved)} moved, "
                f"{len(plan.removed)} removed; config generation {generation}")
     tail = "dry run: nothing recorded" if dry_run else "recorded; run quil-coord apply to push it"
-    return f"{body}\n{summary}\n{tail}"
+    sizing = "".join(f"{name}: {reason}\n" for name, reason in plan.sizing.items())
+    return f"{body}\n{sizing}{summary}\n{tail}"
 
 
 def apply_lines(report: ApplyReport) -> str:

@@ -141,3 +141,48 @@ def test_slot_keeps_offset_when_previous_given():
     plan = assign(hosts, _counts(hosts), previous, PER_HOST)
     assert plan.slots[0] == Slot(1, "A", "192.0.2.10", 5)
     assert [s.offset for s in plan.slots if s.host == "A"] == [5, 0, 1]
+
+
+GIB = 1024**3
+
+
+def test_sizing_fixed_count_says_so():
+    host = Host("B", "192.0.2.11", "192.0.2.11:7350", workers=4)
+    assert host.sizing(None, None, 0) == (4, "4 set with --workers")
+
+
+def test_sizing_cpus_minus_reserve():
+    host = Host("A", "192.0.2.10", "192.0.2.10:7350", control=True)
+    assert host.sizing(8, 64 * GIB, 1792 * 1024**2) == (7, "8 logical CPUs - reserve 1")
+
+
+def test_sizing_capped_by_memory():
+    host = Host("A", "192.0.2.10", "192.0.2.10:7350", cpu_basis="physical")
+    # 8 GiB - 2 GiB free leaves room for 3 workers of 1792 MiB
+    assert host.sizing(16, 8 * GIB, 1792 * 1024**2) == (
+        3, "16 physical CPUs - reserve 0, capped to 3 so 3 x 1.8 GiB leaves 2.0 GiB of 8.0 GiB free")
+
+
+def test_sizing_without_room_for_one_worker_fails():
+    host = Host("A", "192.0.2.10", "192.0.2.10:7350")
+    with pytest.raises(InventoryError) as err:
+        host.sizing(4, 3 * GIB, 1792 * 1024**2)
+    assert str(err.value) == ("host A: 3.0 GiB of memory leaves no room for one worker of 1.8 GiB plus 2.0 GiB "
+                              "free; lower engine.dataWorkerMemoryLimit or pass --workers")
+
+
+def test_worker_sizing_uses_physical_basis():
+    from quil_cluster.coordinator.cluster import worker_sizing
+    from quil_cluster.coordinator.facts import Facts
+
+    hosts = [Host("A", "192.0.2.10", "192.0.2.10:7350", control=True, cpu_basis="physical"),
+             Host("B", "192.0.2.11", "192.0.2.11:7350")]
+    asked = []
+
+    def facts_of(unknown, required):
+        asked.append(([h.name for h in unknown], sorted(required)))
+        return {"A": Facts(16, 8, 64 * GIB), "B": Facts(4, 2, 64 * GIB)}
+
+    sizing = worker_sizing(hosts, facts_of, 1792 * 1024**2)
+    assert sizing == {"A": (7, "8 physical CPUs - reserve 1"), "B": (4, "4 logical CPUs - reserve 0")}
+    assert asked == [(["A", "B"], ["A", "B"])]
