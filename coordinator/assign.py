@@ -49,6 +49,8 @@ class Plan:
     moved: list[int] = field(default_factory=list)
     # Host name -> how its worker count was chosen.
     sizing: dict[str, str] = field(default_factory=dict)
+    # Moved core -> the host it ran on before.
+    moved_from: dict[int, str] = field(default_factory=dict)
 
     @property
     def changed(self) -> bool:
@@ -152,11 +154,13 @@ def _check_ports(slots: list[Slot], ports: Ports) -> None:
 def _diff(previous: list[Slot], slots: list[Slot]) -> Plan:
     before = {s.core: s for s in previous}
     after = {s.core: s for s in slots}
+    moved = sorted(c for c in set(before) & set(after) if before[c] != after[c])
     return Plan(
         slots=slots,
         added=sorted(set(after) - set(before)),
         removed=sorted(set(before) - set(after)),
-        moved=sorted(c for c in set(before) & set(after) if before[c] != after[c]),
+        moved=moved,
+        moved_from={core: before[core].host for core in moved},
     )
 
 

@@ -353,7 +353,7 @@ def cmd_assign(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"config_generation": recorded.config_generation, "recorded": not args.dry_run,
                           "added": plan.added, "removed": plan.removed, "moved": plan.moved,
-                          "sizing": plan.sizing, "workers": rows},
+                          "moved_from": plan.moved_from, "sizing": plan.sizing, "workers": rows},
                          indent=2))
     else:
         print(output.assignment_table(rows, plan, recorded.config_generation, args.dry_run))

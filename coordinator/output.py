@@ -43,7 +43,7 @@ def assignment_rows(settings: Settings, slots: list[Slot]) -> list[dict]:
 
 
 def assignment_table(rows: list[dict], plan: Plan, generation: int, dry_run: bool) -> str:
-    marks = {c: "new" for c in plan.added} | {c: "moved" for c in plan.moved}
+    marks = {c: "new" for c in plan.added} | {c: f"moved from {plan.moved_from[c]}" for c in plan.moved}
     body = table(("CORE", "HOST", "MULTIADDR", "CHANGE"),
                  ((r["core"], r["host"], r["multiaddr"], marks.get(r["core"], "")) for r in rows))
     summary = (f"{len(rows)} workers, {len(plan.added)} new, {len(plan.moved)} moved, "
@@ -102,7 +102,8 @@ def status_table(hosts: list[HostStatus]) -> str:
     if len(versions) > 1:
         body += "\nwarning: hosts run different node releases: " + ", ".join(
             f"{h.name} {h.node_version}" for h in hosts if h.node_version)
-    body += "".join(f"\n{h.name}: config.yml was changed after the last apply (drift); quil-coord apply restores it"
+    body += "".join(f"\n{h.name}: config.yml was changed after the last apply (drift"
+                    + (f" in {', '.join(h.drifted_keys)}" if h.drifted_keys else "") + "); quil-coord apply restores it"
                     for h in hosts if h.drifted)
     expiry = [f"{h.name} {h.cert_expires_in_days:.1f}" for h in hosts if h.cert_expires_in_days is not None]
     if expiry:

@@ -6,7 +6,9 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
+import yaml
 
+from ..common.errors import QuilClusterError
 from ..common.exitcodes import ExitCode
 from ..common.states import State
 from ..proto import agent_pb2 as pb
@@ -30,6 +32,8 @@ class HostStatus:
     node_version: str = ""
     # config.yml on the host differs from what the last apply wrote there.
     drifted: bool = False
+    # Dotted keys whose values differ from the rendered config (values are never shown).
+    drifted_keys: list[str] = field(default_factory=list)
     error: str = ""
     exit_code: ExitCode = ExitCode.OK
 
@@ -42,7 +46,36 @@ def collect(home: Home) -> list[HostStatus]:
     expected = {h.name: sorted(s.core for s in slots if s.host == h.name) for h in hosts}
     credentials = Credentials(home)
     results = for_each_host(hosts, lambda h: _host_status(credentials, h, expected[h.name]))
+    drifted = [h for h in hosts if results[h.name].drifted]
+    if drifted:
+        _explain_drift(home, credentials, drifted, results)
     return [results[h.name] for h in hosts]
+
+
+def _explain_drift(home: Home, credentials: Credentials, hosts: list[Host], results: dict[str, HostStatus]) -> None:
+    """Fill in drifted_keys from each drifted host's file and the config apply would write."""
+    from .configview import rendered_for
+
+    for host in hosts:
+        try:
+            wanted = yaml.safe_load(rendered_for(home, host.name)[1])
+            channel, stub = credentials.stub(host)
+            try:
+                current = yaml.safe_load(stub.GetConfig(pb.GetConfigRequest(), timeout=CALL_TIMEOUT).config_yaml)
+            finally:
+                channel.close()
+        except (QuilClusterError, grpc.RpcError, yaml.YAMLError):
+            continue  # the mark stays; only the list of keys is missing
+        results[host.name].drifted_keys = differing_keys(current, wanted)
+
+
+def differing_keys(current, wanted, prefix: str = "") -> list[str]:
+    """Dotted paths where two parsed configs differ, without their values."""
+    if isinstance(current, dict) and isinstance(wanted, dict):
+        keys = list(wanted) + [k for k in current if k not in wanted]
+        return [path for key in keys
+                for path in differing_keys(current.get(key), wanted.get(key), f"{prefix}{key}.")]
+    return [] if current == wanted else [prefix.rstrip(".") or "(whole file)"]
 
 
 def _host_status(credentials: Credentials, host: Host, expected: list[int]) -> HostStatus:

@@ -73,6 +73,7 @@ def test_assign_removed_middle_host_moves_fewest_cores():
     assert [(s.core, s.host) for s in second.slots] == [(c, "A") for c in (1, 2, 3)] + [(c, "C") for c in range(4, 14)]
     assert second.removed == [14, 15, 16, 17]
     assert second.moved == [4, 5, 6, 7]
+    assert second.moved_from == {4: "B", 5: "B", 6: "B", 7: "B"}
     kept = {s.core: s for s in second.slots}
     assert all(kept[c] == first.slots[c - 1] for c in range(8, 14))
 

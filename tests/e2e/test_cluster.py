@@ -223,7 +223,9 @@ def test_verify_on_local_cluster_checks_agent_ports(capsys, applied):
 def test_edited_config_shows_drift_until_apply(capsys, applied):
     path = applied.root / "nodes" / "C" / ".config" / "config.yml"
     path.write_text(path.read_text().replace("pendingCommitWorkers: 4", "pendingCommitWorkers: 9"))
-    assert _status(capsys, applied)["C"]["drifted"] is True
+    drifted = _status(capsys, applied)["C"]
+    assert drifted["drifted"] is True
+    assert drifted["drifted_keys"] == ["engine.pendingCommitWorkers"]
     assert applied.coord("assign") == 0
     code, report = _json(capsys, applied, "apply")
     assert code == 0
