@@ -1,4 +1,9 @@
-"""The canonical config.yml: the control host's file with only the worker lists replaced."""
+"""The canonical config.yml: the control host's file with the worker lists replaced.
+
+For 2.1 the keys that generation ignores are cut, and worker hosts also get
+the control host's stream address; every other byte stays as the operator
+wrote it.
+"""
 
 from __future__ import annotations
 
@@ -84,7 +89,7 @@ def control_stream_address(config: nodeconfig.NodeConfig, control_address: str) 
 
 
 def render_for_host(settings: Settings, canonical: str, host_is_control: bool, control_address: str) -> str:
-    """The config one host gets: the canonical one, plus for 2.1 worker hosts the control host's stream address.
+    """Return the config one host gets: the canonical one, plus for 2.1 worker hosts the control stream address.
 
     A 2.1 worker dials the control process at p2p.streamListenMultiaddr, and the
     default /ip4/0.0.0.0/tcp/8340 would point it at its own host.
@@ -96,7 +101,7 @@ def render_for_host(settings: Settings, canonical: str, host_is_control: bool, c
 
 
 def read_keys(settings: Settings) -> bytes:
-    """The control host's keys.yml, which 2.1 worker hosts need; next to the control config.yml."""
+    """Read the control host's keys.yml, which 2.1 worker hosts need, from beside the control config.yml."""
     path = Path(settings.control_config).parent / "keys.yml"
     try:
         return path.read_bytes()

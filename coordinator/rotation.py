@@ -1,6 +1,8 @@
 """Rotation of the cluster CA (with an overlap) and of the coordinator's certificate.
 
-CA rotation, in two commands so the cluster never loses trust:
+CA rotation, in two commands; ca finish refuses to start until ca rotate has
+moved every host, so no agent ends up trusting a CA the coordinator's
+certificate does not chain to:
   quil-coord ca rotate   create the next CA (once), then give every agent a
                          certificate of the next CA and a bundle trusting
                          both, and reissue the coordinator's certificate
