@@ -294,7 +294,7 @@ def sign_csr(
 
     Only the key is taken from the request, after its self-signature is
     checked; every name in the request is ignored. Raises TLSError for a
-    request that does not parse, is not self-signed, or holds no P-256 key.
+    request that does not parse, is not self-signed, or contains no P-256 key.
     """
     try:
         csr = x509.load_pem_x509_csr(csr_pem)
@@ -459,7 +459,7 @@ def check_pair(
 
 
 def _issuer_in_bundle(cert: x509.Certificate, ca_pem: bytes, cert_label: str, ca_label: str) -> x509.Certificate:
-    """Return the CA of the bundle that issued cert; a bundle holds two CAs while the CA is rotated."""
+    """Return the CA of the bundle that issued cert; a bundle contains two CAs while the CA is rotated."""
     try:
         cas = x509.load_pem_x509_certificates(ca_pem)
     except ValueError as err:
@@ -617,7 +617,7 @@ def not_after(cert_pem: bytes) -> float:
 
 
 def issued_by(cert_pem: bytes, ca_pem: bytes) -> bool:
-    """Whether the CA certificate signed the certificate."""
+    """Return whether the CA certificate signed the certificate."""
     try:
         _check_issued_by(_load_cert(cert_pem, "certificate"), _load_cert(ca_pem, "CA certificate"), "", "")
     except TLSError:

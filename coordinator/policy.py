@@ -55,7 +55,7 @@ def exposures(settings: Settings) -> dict[str, str]:
 
 
 def targets(settings: Settings, slots: list[Slot]) -> list[Target]:
-    """Every worker port of the assignment with its class and expected exposure."""
+    """List every worker port of the assignment with its class and expected exposure."""
     classes = exposures(settings)
     found = []
     for slot in sorted(slots, key=lambda s: s.core):
@@ -76,7 +76,7 @@ def expected(target: Target, source: Host, control: Host) -> str | None:
 
 
 def host_policy(settings: Settings, hosts: list[Host], slots: list[Slot], host: Host) -> HostPolicy:
-    """The firewall policy of one host: private classes open to the control host only."""
+    """Build the firewall policy of one host: private classes open to the control host only."""
     control = next((h for h in hosts if h.control), None)
     if control is None:
         raise InventoryError("no control host, so no host may reach private worker ports; "

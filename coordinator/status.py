@@ -1,4 +1,4 @@
-"""Collect every host's process table; hosts that do not answer are kept as unreachable."""
+"""Collect every host's process table; hosts that do not respond are kept as unreachable."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def _explain_drift(home: Home, credentials: Credentials, hosts: list[Host], resu
 
     for host in hosts:
         try:
-            wanted = yaml.safe_load(rendered_for(home, host.name)[1])
+            expected = yaml.safe_load(rendered_for(home, host.name)[1])
             channel, stub = credentials.stub(host)
             try:
                 current = yaml.safe_load(stub.GetConfig(pb.GetConfigRequest(), timeout=CALL_TIMEOUT).config_yaml)
@@ -66,16 +66,16 @@ def _explain_drift(home: Home, credentials: Credentials, hosts: list[Host], resu
                 channel.close()
         except (QuilClusterError, grpc.RpcError, yaml.YAMLError):
             continue  # the mark stays; only the list of keys is missing
-        results[host.name].drifted_keys = differing_keys(current, wanted)
+        results[host.name].drifted_keys = differing_keys(current, expected)
 
 
-def differing_keys(current, wanted, prefix: str = "") -> list[str]:
+def differing_keys(current, expected, prefix: str = "") -> list[str]:
     """Dotted paths where two parsed configs differ, without their values."""
-    if isinstance(current, dict) and isinstance(wanted, dict):
-        keys = list(wanted) + [k for k in current if k not in wanted]
+    if isinstance(current, dict) and isinstance(expected, dict):
+        keys = list(expected) + [k for k in current if k not in expected]
         return [path for key in keys
-                for path in differing_keys(current.get(key), wanted.get(key), f"{prefix}{key}.")]
-    return [] if current == wanted else [prefix.rstrip(".") or "(whole file)"]
+                for path in differing_keys(current.get(key), expected.get(key), f"{prefix}{key}.")]
+    return [] if current == expected else [prefix.rstrip(".") or "(whole file)"]
 
 
 def _host_status(credentials: Credentials, host: Host, expected: list[int]) -> HostStatus:
@@ -117,6 +117,6 @@ def _process(p: pb.ProcessStatus, now: float) -> dict:
 
 
 def unhealthy(host: HostStatus) -> bool:
-    """Whether a reachable host lacks a running process for one of its assigned cores."""
+    """Return whether a reachable host lacks a running process for one of its assigned cores."""
     states = {p["core"]: p["state"] for p in host.processes}
     return host.reachable and any(states.get(core) not in ("running", "starting") for core in host.expected_cores)
