@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import os
-import sys
-import traceback
-from pathlib import Path
-from typing import Any, Callable
 
-from ..common import logsetup, pki
-from ..common.errors import (ConfigError, HostError, InventoryError, QuilClusterError, StateError,
+# gRPC's core logs one line per failed TLS handshake on the enrollment endpoint,
+# so anyone who can reach it could flood the log; keep its own logging to errors.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+from ..common import logsetup, pki  # noqa: E402
+from ..common.errors import (ConfigError, HostError, InventoryError, QuilClusterError, StateError,  # noqa: E402
                              TLSError, UnreachableError)
-from ..common.exitcodes import ExitCode
-from . import cluster, output
-from .home import Home
-from .inventory import Host
+from ..common.exitcodes import ExitCode  # noqa: E402
+from . import cluster, output  # noqa: E402
+from .home import Home  # noqa: E402
+from .inventory import Host  # noqa: E402
 
 log = logging.getLogger(__name__)
 
