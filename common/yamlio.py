@@ -36,10 +36,16 @@ class _StrictLoader(yaml.SafeLoader):
 
 def load_mapping(text: str, source: str) -> dict[str, Any]:
     """Parse YAML text whose top level must be a mapping; errors name source and line."""
-    loader = _StrictLoader(text)
+    try:
+        # The reader rejects non-printable characters already while the loader is built.
+        loader = _StrictLoader(text)
+    except yaml.reader.ReaderError as err:
+        raise _reader_error(err, source) from err
     loader.source = source
     try:
         data = loader.get_single_data()
+    except yaml.reader.ReaderError as err:
+        raise _reader_error(err, source) from err
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line = mark.line + 1 if mark else 0
@@ -58,6 +64,11 @@ def load_mapping(text: str, source: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of keys at the top level, found {type(data).__name__}")
     return data
+
+
+def _reader_error(err: yaml.reader.ReaderError, source: str) -> ConfigError:
+    return ConfigError(f"{source}: invalid YAML: character #x{err.character:04x} at position {err.position} "
+                       "is not allowed in YAML; remove it")
 
 
 def read_mapping(path: Path) -> dict[str, Any]:

@@ -69,6 +69,11 @@ class Settings:
         for key in ("name", "control_config", "node_generation", "port_scheme"):
             if not isinstance(getattr(self, key), str):
                 raise ConfigError(f"{source}: '{key}' must be a string")
+        if self.exposure is not None and not (
+                isinstance(self.exposure, dict)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in self.exposure.items())):
+            raise ConfigError(f"{source}: 'exposure' must map port classes to public or private, "
+                              "e.g. {stream: public}")
         if self.firewall not in ("off", "nftables", "ufw"):
             raise ConfigError(f"{source}: firewall '{self.firewall}' is not off, nftables or ufw")
         for key in ("local", "auto_apply"):

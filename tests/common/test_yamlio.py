@@ -36,3 +36,10 @@ def test_load_mapping_rejects_duplicate_key():
     with pytest.raises(ConfigError) as caught:
         yamlio.load_mapping("cluster: a\ncluster: b\n", "agent.yaml")
     assert str(caught.value) == "agent.yaml:2: duplicate key 'cluster' (first at line 1); remove one of them"
+
+
+def test_load_mapping_rejects_control_character():
+    with pytest.raises(ConfigError) as err:
+        yamlio.load_mapping("\x0c", "agent.yaml")
+    assert str(err.value) == ("agent.yaml: invalid YAML: character #x000c at position 0 is not allowed in YAML; "
+                              "remove it")
