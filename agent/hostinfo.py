@@ -27,7 +27,7 @@ def ephemeral_range(path: Path = _PORT_RANGE) -> tuple[int, int] | None:
 
 
 def ephemeral_warning(ports: list[int], port_range: tuple[int, int] | None) -> str | None:
-    """A warning with the fix when any worker port lies in the ephemeral range, else None."""
+    """Return a warning with the fix when any worker port lies in the ephemeral range, else None."""
     if port_range is None:
         return None
     low, high = port_range

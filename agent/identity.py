@@ -1,6 +1,6 @@
 """The agent's TLS identity, and its renewal without a restart.
 
-The server credentials are dynamic: gRPC asks fetch() before every new
+The server credentials are dynamic: gRPC calls fetch() before every new
 handshake, and fetch() hands over a new certificate only after install()
 changed it, so renewing is one atomic swap. Connections already open keep
 the certificate they started with.
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 class InstallError(Exception):
-    """Raised when a certificate cannot be installed; holds the reason for the caller."""
+    """Raised when a certificate cannot be installed; its message is the reason for the caller."""
 
 
 class AgentIdentity:

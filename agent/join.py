@@ -126,7 +126,7 @@ def _issued_by(leaf_pem: bytes, ca_pem: bytes) -> bool:
 
 
 def detect_address(host: str, port: int) -> str:
-    """The local address this host uses to reach the coordinator (a UDP connect sends nothing)."""
+    """Return the local address this host uses to reach the coordinator (a UDP connect sends nothing)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as probe:
         probe.connect((host, port))

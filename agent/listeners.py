@@ -41,7 +41,7 @@ def _decode(local: str, family: int) -> tuple[str, int]:
 
 
 def is_listening(ip: str, port: int, table: set[tuple[str, int]]) -> bool:
-    """Whether ip:port accepts connections, counting wildcard listeners of the same family."""
+    """Return whether ip:port accepts connections, counting wildcard listeners of the same family."""
     address = ipaddress.ip_address(ip)
     wildcard = "0.0.0.0" if address.version == 4 else "::"
     return (str(address), port) in table or (wildcard, port) in table

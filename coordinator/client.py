@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import socket
 import ssl
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import grpc
 from cryptography import x509
@@ -94,20 +95,37 @@ class Credentials:
         this opens one extra mutual-TLS connection before the call. NOTE: it
         checks that connection, not the one gRPC then opens to the same address.
         """
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False  # gRPC checks the names; this only reads the serial
-        context.load_verify_locations(cadata=self._bundle.decode())
+        context = agent_tls_context(self._bundle)
         context.load_cert_chain(self._paths["coordinator.crt"], self._paths["coordinator.key"])
-        address, _, port = host.agent.rpartition(":")
         try:
-            with socket.create_connection((address.strip("[]"), int(port)), timeout=CALL_TIMEOUT) as raw:
-                with context.wrap_socket(raw) as wrapped:
-                    der = wrapped.getpeercert(binary_form=True)
+            with open_agent_tls(host, context) as wrapped:
+                der = wrapped.getpeercert(binary_form=True)
         except (OSError, ssl.SSLError):
             return  # the gRPC call reports the connection failure itself
         serial = format(x509.load_der_x509_certificate(der).serial_number, "x")
         if serial in self.revoked:
             raise RevokedPeer(host.name, serial)
+
+
+def agent_tls_context(bundle: bytes) -> ssl.SSLContext:
+    """Build a TLS client context that trusts the cluster's CAs and leaves name checks to gRPC.
+
+    It serves raw checks of an agent's port, which read what the handshake shows.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(cadata=bundle.decode())
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+@contextlib.contextmanager
+def open_agent_tls(host: Host, context: ssl.SSLContext) -> Iterator[ssl.SSLSocket]:
+    """Open a TLS connection to the host's agent port; raises OSError or ssl.SSLError."""
+    address, _, port = host.agent.rpartition(":")
+    with socket.create_connection((address.strip("[]"), int(port)), timeout=CALL_TIMEOUT) as raw:
+        with context.wrap_socket(raw) as wrapped:
+            yield wrapped
 
 
 class RevokedPeer(grpc.RpcError):

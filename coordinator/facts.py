@@ -24,9 +24,9 @@ class Facts:
 def host_facts(home: Home, hosts: list[Host], required: set[str]) -> dict[str, Facts]:
     """Ask each host's agent for its CPUs and memory.
 
-    A host in required must answer (its worker count depends on it): the first
+    A host in required must respond (its worker count depends on it): the first
     that does not raises HostError, or UnreachableError when it cannot be
-    reached. Others that do not answer are left out.
+    reached. Others that do not respond are left out.
     """
     credentials = Credentials(home)
 

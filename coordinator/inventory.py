@@ -62,7 +62,9 @@ class Host:
         """
         if self.workers is not None:
             return self.workers, f"{self.workers} set with --workers"
-        reserve = self.reserve if self.reserve is not None else (1 if self.control else 0)
+        reserve = self.reserve
+        if reserve is None:
+            reserve = 1 if self.control else 0
         if cpus is None:
             raise InventoryError(f"host {self.name}: CPU count unknown; set it with --cpus or --workers")
         # A count reported by an agent is capped like --cpus, so a bogus report cannot exhaust memory.

@@ -13,7 +13,6 @@ show isolation, so steps 2 and 3 are skipped and the report states that.
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
 from dataclasses import dataclass, field
 
@@ -23,7 +22,7 @@ from ..common.errors import InventoryError
 from ..common.exitcodes import ExitCode
 from ..proto import agent_pb2 as pb
 from . import policy
-from .client import CALL_TIMEOUT, Credentials, call_error, for_each_host
+from .client import CALL_TIMEOUT, Credentials, agent_tls_context, call_error, for_each_host, open_agent_tls
 from .home import Home
 from .inventory import Host
 
@@ -193,17 +192,11 @@ def _socket_text(address: str, port: int) -> str:
 
 def _handshake_without_cert(host: Host, bundle: bytes) -> str:
     """'rejected' when the agent ends a TLS handshake that offers no client certificate, else 'accepted'."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.load_verify_locations(cadata=bundle.decode())
-    context.set_alpn_protocols(["h2"])
-    address, _, port = host.agent.rpartition(":")
     try:
-        with socket.create_connection((address.strip("[]"), int(port)), timeout=CALL_TIMEOUT) as raw:
-            with context.wrap_socket(raw) as wrapped:
-                # TLS 1.3 reports the rejected client certificate on the first read.
-                wrapped.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-                data = wrapped.recv(64)
+        with open_agent_tls(host, agent_tls_context(bundle)) as wrapped:
+            # TLS 1.3 reports the rejected client certificate on the first read.
+            wrapped.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            data = wrapped.recv(64)
     except (ssl.SSLError, ConnectionResetError):
         return "rejected"
     except OSError:

@@ -26,7 +26,7 @@ def _accepts_or_rejects_cleanly(call) -> None:
     try:
         call()
     except QuilClusterError as err:
-        assert str(err)  # every rejection says something
+        assert str(err)  # every rejection carries a message
 
 
 @FUZZ

@@ -14,7 +14,7 @@ import pytest
 
 from quil_cluster.agent import capabilities as capabilities_module
 
-# Runs as an unprivileged user that holds CAP_NET_ADMIN in its ambient set, as systemd
+# Runs as an unprivileged user that has CAP_NET_ADMIN in its ambient set, as systemd
 # would start the agent with deploy/quil-agent-firewall.conf.
 SCRIPT = textwrap.dedent("""
     import subprocess, threading

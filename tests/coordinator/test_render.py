@@ -64,8 +64,9 @@ def test_render_2_1_removes_legacy_keys_with_warning(tmp_path):
         "  dataWorkerMemoryLimit: 0\n  dataWorkerBaseListenPort: 40000\n  dataWorkerMultiaddrs:\n"
         "  - /ip4/192.0.2.10/tcp/40000\n")
     rendered, warnings = _render(tmp_path, "2.1", text)
-    assert all("dataWorkerMultiaddrs" not in c["engine"] and "dataWorkerBaseListenPort" not in c["engine"]
-               for c in rendered.values())
+    for config in rendered.values():
+        assert "dataWorkerMultiaddrs" not in config["engine"]
+        assert "dataWorkerBaseListenPort" not in config["engine"]
     assert [w.split(":")[0] for w in warnings] == ["removed engine.dataWorkerMultiaddrs from the pushed config",
                                                     "removed engine.dataWorkerBaseListenPort from the pushed config"]
     assert warnings[0].endswith(f"remove it from {tmp_path / 'config.yml'} too")

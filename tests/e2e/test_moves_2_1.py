@@ -1,4 +1,4 @@
-"""2.1 clusters: removing a middle host moves exactly its number of cores from the tail, and apply asks first."""
+"""2.1 clusters: removing a middle host moves exactly its number of cores from the tail, and apply needs confirmation first."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ def _mislabeled_binary(cluster: LocalCluster) -> None:
 
 def test_worker_listening_off_plan_is_reported(tmp_path, capsys):
     # A 1.4 worker ignores the 2.1 lists and binds the 1.4 default 127.0.0.1:40000+N-1,
-    # so nothing listens where the plan says.
+    # so nothing listens where the plan puts it.
     cluster = LocalCluster(tmp_path, generation="2.1", node_version="2.1.0.25")
     _mislabeled_binary(cluster)
     control = tmp_path / "config-2.1.0.25.yml"
