@@ -47,6 +47,9 @@ POLICY = {
     _SERVICE + "Probe": _WRITERS,
     # Only the coordinator: the file carries the node's private keys.
     _SERVICE + "GetConfig": _WRITERS,
+    _SERVICE + "Control": _WRITERS,
+    # Node logs name peers and addresses: only the coordinator reads them.
+    _SERVICE + "ReadLog": _WRITERS,
 }
 
 # Bounds on what one client can make the server hold.

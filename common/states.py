@@ -13,6 +13,7 @@ checks that they agree.
   *        -> STOPPING   asked to stop; SIGTERM sent to its process group
   STOPPING -> STOPPED    exited after the stop request
   EXITED                 exited and not restarted (not in the desired state)
+  WAITING  -> STARTING   its bind address appeared on an interface
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class State(enum.Enum):
     STOPPING = "stopping"
     EXITED = "exited"
     FATAL = "fatal"
+    WAITING = "waiting"
 
 
 # A process in one of these states has a live pid.

@@ -79,6 +79,16 @@ class AgentStub:
                 request_serializer=agent__pb2.GetConfigRequest.SerializeToString,
                 response_deserializer=agent__pb2.GetConfigResponse.FromString,
                 _registered_method=True)
+        self.Control = channel.unary_unary(
+                '/quil_cluster.agent.v1.Agent/Control',
+                request_serializer=agent__pb2.ControlRequest.SerializeToString,
+                response_deserializer=agent__pb2.ControlResponse.FromString,
+                _registered_method=True)
+        self.ReadLog = channel.unary_stream(
+                '/quil_cluster.agent.v1.Agent/ReadLog',
+                request_serializer=agent__pb2.ReadLogRequest.SerializeToString,
+                response_deserializer=agent__pb2.LogChunk.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -149,6 +159,22 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Control(self, request, context):
+        """Start, stop or restart single processes (quil-coord start|stop|restart) and
+        wait up to a bound for each to reach its target state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadLog(self, request, context):
+        """The last lines of a worker's or the control process's log, then new data
+        while follow is set; bounded in size and rate by the agent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -196,6 +222,16 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.GetConfig,
                     request_deserializer=agent__pb2.GetConfigRequest.FromString,
                     response_serializer=agent__pb2.GetConfigResponse.SerializeToString,
+            ),
+            'Control': grpc.unary_unary_rpc_method_handler(
+                    servicer.Control,
+                    request_deserializer=agent__pb2.ControlRequest.FromString,
+                    response_serializer=agent__pb2.ControlResponse.SerializeToString,
+            ),
+            'ReadLog': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadLog,
+                    request_deserializer=agent__pb2.ReadLogRequest.FromString,
+                    response_serializer=agent__pb2.LogChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -441,6 +477,60 @@ class Agent:
             '/quil_cluster.agent.v1.Agent/GetConfig',
             agent__pb2.GetConfigRequest.SerializeToString,
             agent__pb2.GetConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Control(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quil_cluster.agent.v1.Agent/Control',
+            agent__pb2.ControlRequest.SerializeToString,
+            agent__pb2.ControlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/quil_cluster.agent.v1.Agent/ReadLog',
+            agent__pb2.ReadLogRequest.SerializeToString,
+            agent__pb2.LogChunk.FromString,
             options,
             channel_credentials,
             insecure,
