@@ -1,10 +1,13 @@
-"""Facts about this host that the agent reports: node version, ephemeral port range, config on disk."""
+"""Facts about this host that the agent reports: node version, ports, addresses, signature files, config on disk."""
 
 from __future__ import annotations
 
 import hashlib
 import re
+import socket
 from pathlib import Path
+
+import psutil
 
 # Release binaries are named node-VERSION-OS-ARCH, e.g. node-2.1.0.25-linux-amd64.
 _VERSION = re.compile(r"node-(\d+\.\d+(?:\.\d+)*)")
@@ -45,3 +48,63 @@ def file_sha256(path: Path) -> str:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
         return ""
+
+
+_RESERVED_PORTS = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
+# Values Go's strconv.ParseBool accepts, which the node uses for its flag and environment variable.
+_GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+_GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
+SIGNATURE_ENV = "QUILIBRIUM_SIGNATURE_CHECK"
+
+
+def reserved_ports(path: Path = _RESERVED_PORTS) -> str:
+    """Return the kernel's reserved local ports as written there ("40000-40015,41000"), or '' when unreadable."""
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def interface_addresses() -> list[str]:
+    """Return the IPv4 and IPv6 addresses on this host's interfaces now, without scope or prefix length."""
+    addresses = set()
+    for entries in psutil.net_if_addrs().values():
+        for entry in entries:
+            if entry.family in (socket.AF_INET, socket.AF_INET6):
+                # Link-local IPv6 addresses carry the interface as a scope: fe80::1%eth0.
+                addresses.add(entry.address.split("%", 1)[0])
+    return sorted(addresses)
+
+
+def signature_files(binary: Path) -> list[str]:
+    """Return the names of the node's signature files (NAME.dgst, NAME.dgst.sig.N) next to the binary.
+
+    The node looks next to its resolved executable (Go's os.Executable reads
+    /proc/self/exe), so a symlink's target directory and name count, not the link's.
+    """
+    target = binary.resolve()
+    pattern = re.compile(re.escape(target.name) + r"\.dgst(\.sig\.\d+)?")
+    try:
+        names = [entry.name for entry in target.parent.iterdir()]
+    except OSError:
+        return []
+    return sorted(name for name in names if pattern.fullmatch(name))
+
+
+def signature_check_disabled(node_args: tuple[str, ...] | list[str], node_env: dict[str, str]) -> bool:
+    """Tell whether node processes started with these arguments and environment skip the signature check.
+
+    The flag's default is QUILIBRIUM_SIGNATURE_CHECK when that parses as a Go
+    bool (an invalid value keeps the check on), and the last --signature-check
+    flag wins over it.
+    """
+    enabled = node_env.get(SIGNATURE_ENV, "true") not in _GO_FALSE
+    for arg in node_args:
+        name, _, value = arg.lstrip("-").partition("=")
+        if not arg.startswith("-") or name != "signature-check":
+            continue
+        if not value or value in _GO_TRUE:
+            enabled = True
+        elif value in _GO_FALSE:
+            enabled = False
+    return not enabled

@@ -86,18 +86,31 @@ class AgentService(pb_grpc.AgentServicer):
         self._binary_hash: tuple[tuple[int, int], str] | None = None
 
     def GetHostFacts(self, request: pb.GetHostFactsRequest, context: grpc.ServicerContext) -> pb.HostFacts:
-        return pb.HostFacts(
+        memory = psutil.virtual_memory()
+        low, high = hostinfo.ephemeral_range() or (0, 0)
+        facts = pb.HostFacts(
             hostname=socket.gethostname(),
             logical_cpus=psutil.cpu_count() or 0,
             physical_cpus=psutil.cpu_count(logical=False) or 0,
-            memory_bytes=psutil.virtual_memory().total,
+            memory_bytes=memory.total,
             agent_version=__version__,
             node_binary_path=str(self.config.node_binary),
             node_binary_sha256=self._node_binary_sha256(),
             worker_address=self.config.worker_address,
             node_config_dir=str(self.config.node_config_dir),
             node_version=hostinfo.node_version(self.config.node_binary),
+            interface_addresses=hostinfo.interface_addresses(),
+            ephemeral_port_low=low,
+            ephemeral_port_high=high,
+            ephemeral_reserved_ports=hostinfo.reserved_ports(),
+            signature_files=hostinfo.signature_files(self.config.node_binary),
+            signature_check_disabled=hostinfo.signature_check_disabled(self.config.node_args, self.config.node_env),
+            worker_gomaxprocs=self.config.node_env.get("GOMAXPROCS", ""),
+            memory_available_bytes=memory.available,
         )
+        # Read last, after the binary's hash, so the coordinator's clock comparison sees the time of the reply.
+        facts.unix_time = time.time()
+        return facts
 
     def Apply(self, request: pb.ApplyRequest, context: grpc.ServicerContext) -> pb.ApplyResponse:
         timeout = context.time_remaining()

@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     show = firewall.add_parser("show", help="print the nftables and ufw rules each host gets")
     show.add_argument("--host", help="only this host")
 
+    doctor = sub.add_parser("doctor", help="check every host for the common field problems and print the fixes")
+    doctor.add_argument("--json", action="store_true", help="print JSON instead of lines")
+
     status = sub.add_parser("status", help="show every host's processes")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -449,6 +452,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     return ExitCode.HOST_FAILED if any(unhealthy(h) for h in hosts) else ExitCode.OK
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import doctor, render_json, render_text
+
+    report = doctor(_home(args))
+    print(render_json(report) if args.json else render_text(report))
+    return report.exit_code
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -457,5 +468,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[Any], int]] = {
     "init": cmd_init, "host": cmd_host, "assign": cmd_assign, "apply": cmd_apply, "status": cmd_status,
-    "demo": cmd_demo, "verify": cmd_verify, "firewall": cmd_firewall, "config": cmd_config, "import": cmd_import, "token": cmd_token, "serve": cmd_serve, "ca": cmd_ca, "cert": cmd_cert,
+    "demo": cmd_demo, "doctor": cmd_doctor, "verify": cmd_verify, "firewall": cmd_firewall, "config": cmd_config, "import": cmd_import, "token": cmd_token, "serve": cmd_serve, "ca": cmd_ca, "cert": cmd_cert,
 }
