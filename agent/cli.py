@@ -22,6 +22,7 @@ from pathlib import Path  # noqa: E402
 from ..common import logsetup  # noqa: E402
 from ..common.errors import QuilClusterError, TLSError, UnreachableError  # noqa: E402
 from ..common.exitcodes import ExitCode  # noqa: E402
+from ..common.install import add_arguments as install_arguments  # noqa: E402
 from . import config as agent_config  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="node config directory on this host (passed as --config)")
     join.add_argument("--state-dir", default="/var/lib/quil-agent/state", help="agent state directory")
     join.add_argument("--run", action="store_true", help="start the agent right after joining")
+
+    install = sub.add_parser("install-service", help="create the quil user, the venv in /opt/quil-cluster, "
+                             "the directories and the systemd unit (safe to run again)")
+    install_arguments(install)
+    install.add_argument("--firewall", action="store_true",
+                         help="also install the drop-in that lets the agent manage nftables or ufw")
     return parser
 
 
@@ -69,10 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "join":
             return run_join(args)
+        if args.command == "install-service":
+            return run_install(args)
         return run(args.config)
     except QuilClusterError as err:
-        # join is run by hand, so its errors read as one line; run logs them for the journal.
-        if args.command == "join":
+        # join and install-service are run by hand, so their errors read as one line; run logs them for the journal.
+        if args.command in ("join", "install-service"):
             print(f"error: {err}", file=sys.stderr)
         else:
             log.error("%s", err)
@@ -104,6 +113,14 @@ def run_join(args: argparse.Namespace) -> int:
     if args.run:
         return run(path)
     print(f"start the agent with: quil-agent run --config {path}")
+    return ExitCode.OK
+
+
+def run_install(args: argparse.Namespace) -> int:
+    from ..common import install
+
+    result = install.install(install.AGENT, install.options_from(args))
+    print(install.summary(install.AGENT, result, args.venv))
     return ExitCode.OK
 
 

@@ -17,6 +17,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 from ..common import logsetup, pki  # noqa: E402
+from ..common.install import add_arguments as install_arguments  # noqa: E402
 from ..common.errors import (ConfigError, HostError, InventoryError, QuilClusterError, StateError,  # noqa: E402
                              TLSError, UnreachableError)
 from ..common.exitcodes import ExitCode  # noqa: E402
@@ -114,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", default="0.0.0.0:7351", help="HOST:PORT to listen on (default 0.0.0.0:7351)")
     serve.add_argument("--advertise", help="HOST:PORT joining hosts dial (default: --listen; required when "
                        "--listen is a wildcard)")
+
+    install = sub.add_parser("install-service", help="create the quil-coord user, the venv in /opt/quil-cluster, "
+                             "the state directory and the serve unit (safe to run again)")
+    install_arguments(install)
+    install.add_argument("--advertise", help="HOST:PORT joining hosts dial, written to /etc/quil-coord/serve.env")
 
     demo = sub.add_parser("demo", help="run a local demo cluster on 127.0.0.2-127.0.0.4 with the stand-in node")
     demo.add_argument("--dir", type=Path, help="directory for the demo's files (default: a temporary one)")
@@ -460,6 +466,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+def cmd_install_service(args: argparse.Namespace) -> int:
+    from ..common import install
+
+    result = install.install(install.COORD, install.options_from(args))
+    print(install.summary(install.COORD, result, args.venv))
+    return ExitCode.OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -468,5 +482,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[Any], int]] = {
     "init": cmd_init, "host": cmd_host, "assign": cmd_assign, "apply": cmd_apply, "status": cmd_status,
-    "demo": cmd_demo, "doctor": cmd_doctor, "verify": cmd_verify, "firewall": cmd_firewall, "config": cmd_config, "import": cmd_import, "token": cmd_token, "serve": cmd_serve, "ca": cmd_ca, "cert": cmd_cert,
+    "demo": cmd_demo, "doctor": cmd_doctor, "install-service": cmd_install_service, "verify": cmd_verify, "firewall": cmd_firewall, "config": cmd_config, "import": cmd_import, "token": cmd_token, "serve": cmd_serve, "ca": cmd_ca, "cert": cmd_cert,
 }
