@@ -108,7 +108,7 @@ class AgentService(pb_grpc.AgentServicer):
             worker_gomaxprocs=self.config.node_env.get("GOMAXPROCS", ""),
             memory_available_bytes=memory.available,
         )
-        # Read last, after the binary's hash, so the coordinator's clock comparison sees the time of the reply.
+        # Read last, after the binary's hash, so the coordinator compares its clock with the time of the reply.
         facts.unix_time = time.time()
         return facts
 

@@ -1,7 +1,7 @@
 """The checks behind quil-coord doctor: each takes facts one host reported and returns a finding or None.
 
-The checks are pure functions of their arguments, so each can be made to
-fire in a unit test; doctor.py collects the facts and calls them.
+The checks are pure functions of their arguments, so a unit test can make
+each one fire. doctor.py collects the facts and calls them.
 """
 
 from __future__ import annotations
@@ -89,13 +89,13 @@ def is_local(address: str, interface_addresses: list[str]) -> bool:
     127.x address counts when one is present.
     """
     try:
-        wanted = ipaddress.ip_address(address)
+        expected = ipaddress.ip_address(address)
         present = {ipaddress.ip_address(a) for a in interface_addresses}
     except ValueError:
         return False
-    if wanted in present:
+    if expected in present:
         return True
-    return wanted.version == 4 and wanted.is_loopback and any(a.version == 4 and a.is_loopback for a in present)
+    return expected.version == 4 and expected.is_loopback and any(a.version == 4 and a.is_loopback for a in present)
 
 
 def check_address(host: str, planned: str, agent_address: str, interface_addresses: list[str]) -> Finding | None:

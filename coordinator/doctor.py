@@ -32,7 +32,7 @@ CLOCK_SAMPLES = 2
 
 @dataclass
 class Sample:
-    """What one host's agent reported, with the coordinator's clock around the facts call."""
+    """Facts and config hashes from one host's agent, with the coordinator's clock before and after the facts call."""
 
     facts: pb.HostFacts
     sent: float
@@ -165,7 +165,7 @@ def _exit_code(report: DoctorReport) -> ExitCode:
 
 
 def render_text(report: DoctorReport) -> str:
-    """One line per finding (host, check, problem, fix), then a summary line."""
+    """Format one line per finding (host, check, problem, fix), then a summary line."""
     lines = [f"{f.host}: {f.check}: {f.problem}; fix: {f.fix}" for f in report.findings]
     problems = len(report.findings) - len(report.unreachable)
     summary = (f"{len(report.hosts)} hosts checked, {problems} problem{'' if problems == 1 else 's'}, "
