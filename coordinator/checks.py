@@ -159,8 +159,8 @@ def check_versions(versions: dict[str, str], control: str | None) -> list[Findin
             name, VERSION,
             f"the host runs node release {version}, the control host runs {reference}; mixed releases can "
             "disagree on the config keys and the protocol",
-            f"install release {reference} on this host, point node_binary in its agent.yaml at it, restart the "
-            "agent and run quil-coord apply (see docs/upgrade.md)",
+            "run one release on every host: install it with its .dgst files, point node_binary in each "
+            "agent.yaml at it and restart the agent (docs/upgrade.md has the steps)",
         )
         for name, version in sorted(known.items()) if version != reference
     ]

@@ -135,7 +135,7 @@ def test_versions_fire_against_control_host():
     found = checks.check_versions({"ctl": "2.1.0.25", "w1": "2.1.0.24", "w2": "2.1.0.24"}, "ctl")
     assert [(f.host, f.check) for f in found] == [("w1", "node-version"), ("w2", "node-version")]
     assert found[0].problem.startswith("the host runs node release 2.1.0.24, the control host runs 2.1.0.25;")
-    assert found[0].fix.startswith("install release 2.1.0.25 on this host")
+    assert found[0].fix.startswith("run one release on every host: install it with its .dgst files")
 
 
 def test_versions_without_control_use_most_common():
