@@ -16,8 +16,8 @@ from ..common.errors import ConfigError
 from .inventory import MEMORY_HEADROOM
 
 # Clock difference from the coordinator that counts as a problem, in seconds,
-# after the half round trip of the call is allowed for. Agent certificates and
-# join tokens are checked against the clock, and the node timestamps its frames.
+# after the half round trip of the call is allowed for. Each machine checks the
+# validity period of the TLS certificates the coordinator issues against its own clock.
 MAX_CLOCK_SKEW = 1.0
 
 CLOCK = "clock"
@@ -52,8 +52,8 @@ def check_clock(host: str, agent_time: float, sent: float, received: float,
     return Finding(
         host, CLOCK,
         f"the host's clock is {abs(offset):.1f} s {direction} this machine's (measured to within "
-        f"{uncertainty:.2f} s; the limit is {limit:.0f} s), so certificates and join tokens can be taken "
-        "as not yet valid or expired",
+        f"{uncertainty:.2f} s; the limit is {limit:.0f} s), so the TLS certificates the coordinator issues "
+        "can be taken as not yet valid or expired",
         "turn on time synchronization on both machines (timedatectl set-ntp true, or install chrony) and "
         "wait until timedatectl shows 'System clock synchronized: yes'",
     )
