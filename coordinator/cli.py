@@ -28,7 +28,7 @@ from .inventory import Host  # noqa: E402
 log = logging.getLogger(__name__)
 
 EPILOG = """exit status: 0 ok, 1 unexpected error, 2 usage, 3 invalid input or state,
-4 a host failed, 5 a host unreachable, 6 TLS or authorization, 7 verify found a violation,
+4 a host failed (doctor: a problem found), 5 a host unreachable, 6 TLS or authorization, 7 verify found a violation,
 130 interrupted"""
 
 # Expected failures and their exit status; anything else is a bug.

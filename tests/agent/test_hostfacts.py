@@ -34,7 +34,7 @@ def test_host_facts_list_signature_files(running_agent):
 
 
 def test_host_facts_read_worker_environment(running_agent):
-    # The agent reads node_env once at start, so a servicer with another config stands in for a restart.
+    # The agent reads node_env once at start, so a servicer with another config replaces a restart.
     config = replace(running_agent.config, node_env={"GOMAXPROCS": "64", "QUILIBRIUM_SIGNATURE_CHECK": "false"})
     servicer = AgentService(config, running_agent.agent.reconciler, identity=None)  # type: ignore[arg-type]
     facts = servicer.GetHostFacts(pb.GetHostFactsRequest(), context=None)  # type: ignore[arg-type]

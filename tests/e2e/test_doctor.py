@@ -162,6 +162,7 @@ def test_doctor_finds_ephemeral_ports_and_missing_address(capsys, tmp_path):
     low, high = ephemeral_range() or (0, 0)
     if not low:
         pytest.fail("this test needs /proc/sys/net/ipv4/ip_local_port_range")
+
     cluster = LocalCluster(tmp_path)
     _sign(cluster.node_binary)
     base = free_port_range(["127.0.0.2", "127.0.0.4"], 1, start=low + 100)
@@ -176,10 +177,12 @@ def test_doctor_finds_ephemeral_ports_and_missing_address(capsys, tmp_path):
                          str(tmp_path / "nodes" / "vpn" / ".config"), "--state-dir", str(bundle / "state"),
                          "--bundle", str(bundle)) == 0
     cluster.agents["vpn"] = AgentProcess("vpn", "127.0.0.4", bundle / "agent.yaml", bundle / "agent.log")
+
     try:
         for name in cluster.agents:
             cluster.start_agent(name)
         assert cluster.coord("assign") == 0
+
         code, report = _doctor(capsys, cluster)
         assert code == 4
         assert _found(report) == {("a", "ephemeral-ports"), ("vpn", "ephemeral-ports"), ("vpn", "worker-address"),
