@@ -111,14 +111,18 @@ class _ProgressBoard:
         self.title = title
         self.stream = stream
         self.steps: dict[str, tuple[str, float]] = {}
-        self.lock = threading.Lock()
+        # Two locks because rendering reads the steps: stopping the display renders a last
+        # frame, which must not wait for a lock that the stopping thread holds.
+        self.steps_lock = threading.Lock()
+        self.live_lock = threading.Lock()
         self.live = None
 
     def update(self, host: str, step: str) -> None:
-        with self.lock:
+        with self.steps_lock:
             self.steps[host] = (step, time.monotonic())
-            # The display starts on the first step, not before, so a question that the
-            # command asks before any host work (apply's move confirmation) is not redrawn over.
+        # The display starts on the first step, not before, so a question that the
+        # command asks before any host work (apply's move confirmation) is not redrawn over.
+        with self.live_lock:
             if self.live is None:
                 from rich.live import Live
 
@@ -126,7 +130,7 @@ class _ProgressBoard:
                 self.live.start()
 
     def close(self) -> None:
-        with self.lock:
+        with self.live_lock:
             if self.live is not None:
                 self.live.stop()
 
@@ -139,7 +143,7 @@ class _ProgressBoard:
         table = Table(title=self.title, title_justify="left", show_edge=False, box=None, pad_edge=False)
         for column in ("", "HOST", "STEP", "SECONDS"):
             table.add_column(column)
-        with self.lock:
+        with self.steps_lock:
             steps = sorted(self.steps.items())
         for host, (step, since) in steps:
             mark = Text("done", style="green") if step in FINAL_STEPS else Spinner("dots")
