@@ -271,8 +271,8 @@ def cmd_host(args: argparse.Namespace) -> int:
         print(f"added host {host.name}; copy {path.parent} to the host and run: quil-agent run --config agent.yaml")
     elif args.host_command == "list":
         home.require()
-        rows = [h.to_dict() for h in home.load_hosts()]
-        _print(json.dumps({"hosts": rows}, indent=2) if args.json else output.host_listing(rows))
+        hosts = home.load_hosts()
+        _print(output.hosts_json(hosts) if args.json else output.host_listing([h.to_dict() for h in hosts]))
     elif args.host_command == "remove":
         return _remove_host(home, args)
     elif args.host_command == "bundle":

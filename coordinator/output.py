@@ -49,6 +49,11 @@ def host_table(rows: list[dict]) -> str:
     return host_listing(rows).plain()
 
 
+def hosts_json(hosts: list) -> str:
+    """Every inventory field of every host, null where unset, so scripts see one fixed set of keys."""
+    return json.dumps({"hosts": [asdict(h) for h in hosts]}, indent=2)
+
+
 def assignment_rows(settings: Settings, slots: list[Slot]) -> list[dict]:
     first, stream = worker_lists(settings, slots)
     rows = []
