@@ -500,7 +500,7 @@ def _watch_status(home: Home, interval: float, as_json: bool) -> int:
 
     On a terminal the table is redrawn in place; anywhere else each snapshot is
     printed whole, separated by a blank line (or one JSON object per line), so a
-    log or a script sees every refresh.
+    log or a script receives every refresh.
     """
     from .status import collect
 

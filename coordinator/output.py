@@ -50,7 +50,7 @@ def host_table(rows: list[dict]) -> str:
 
 
 def hosts_json(hosts: list) -> str:
-    """Every inventory field of every host, null where unset, so scripts see one fixed set of keys."""
+    """Format every inventory field of every host, null where unset, so scripts get one fixed set of keys."""
     return json.dumps({"hosts": [asdict(h) for h in hosts]}, indent=2)
 
 
@@ -93,7 +93,7 @@ def apply_lines(report: ApplyReport) -> str:
 
 
 def apply_listing(report: ApplyReport) -> Listing:
-    """The apply result as one row per host, for a terminal; apply_lines stays the plain form."""
+    """Build the apply result as one row per host for a terminal; apply_lines stays the plain form."""
     rows = [(host.name, *apply_outcome(host)) for host in report.hosts]
     warnings = [f"{host.name}: warning: {warning}" for host in report.hosts for warning in host.warnings]
     return Listing(("HOST", "OUTCOME", "DETAIL"), rows, before=_apply_head(report),
@@ -257,7 +257,7 @@ def verify_json(report) -> str:
 
 
 def firewall_json(policies: list) -> str:
-    """The rules of firewall show as JSON, each host with its nftables script and ufw commands."""
+    """Format the rules of firewall show as JSON, each host with its nftables script and ufw commands."""
     from ..common.firewall import render_nft, render_ufw
 
     hosts = [{"host": p.host, "address": p.address,

@@ -121,7 +121,7 @@ class _ProgressBoard:
         with self.steps_lock:
             self.steps[host] = (step, time.monotonic())
         # The display starts on the first step, not before, so a question that the
-        # command asks before any host work (apply's move confirmation) is not redrawn over.
+        # command prints before any host work (apply's move confirmation) is not redrawn over.
         with self.live_lock:
             if self.live is None:
                 from rich.live import Live

@@ -71,7 +71,7 @@ def _piped(cluster: LocalCluster, *argv: str, **env: str) -> subprocess.Complete
 @pytest.mark.parametrize("argv", [("status",), ("assign",), ("apply",), ("verify",)],
                          ids=["status", "assign", "apply", "verify"])
 def test_piped_output_has_no_control_codes(cluster, argv):
-    # FORCE_COLOR and a colour TERM would make rich colour a pipe; the plain path never asks rich.
+    # FORCE_COLOR and a colour TERM would make rich colour a pipe; the plain path never calls rich.
     result = _piped(cluster, *argv, TERM="xterm-256color", FORCE_COLOR="1")
     assert result.returncode == 0, result.stderr
     assert "\x1b" not in result.stdout
@@ -159,8 +159,9 @@ def _check_schema(value, schema, where: str = "$") -> None:
         for index, item in enumerate(value):
             _check_schema(item, schema[0], f"{where}[{index}]")
     else:
-        assert isinstance(value, schema) and not (isinstance(value, bool) and schema in (int, float)), \
-            f"{where}: {value!r} is not {schema}"
+        assert isinstance(value, schema), f"{where}: {value!r} is not {schema}"
+        # bool is a subclass of int, so a bool must not pass as a number.
+        assert not (isinstance(value, bool) and schema in (int, float)), f"{where}: {value!r} is a bool"
 
 
 def _json(cluster: LocalCluster, *argv: str) -> dict:
@@ -202,10 +203,10 @@ def test_token_list_json_schema(cluster):
 
 
 def test_firewall_show_json_schema(cluster):
-    shown = _json(cluster, "firewall", "show")
-    _check_schema(shown, {"hosts": [FIREWALL_HOST]})
-    assert [h["host"] for h in shown["hosts"]] == ["A", "B"]
-    assert shown["hosts"][1]["rules"][0]["sources"] == ["127.0.0.2"]
+    rules = _json(cluster, "firewall", "show")
+    _check_schema(rules, {"hosts": [FIREWALL_HOST]})
+    assert [h["host"] for h in rules["hosts"]] == ["A", "B"]
+    assert rules["hosts"][1]["rules"][0]["sources"] == ["127.0.0.2"]
 
 
 # ---------------------------------------------------------------------------
@@ -308,7 +309,8 @@ def test_terminal_with_dumb_term_gets_plain_text(cluster, tmux):
     assert "EXIT=0" in screen
     assert screen.splitlines()[0].split() == ["HOST", "CORE", "STATE", "PID", "UPTIME", "RESTARTS", "LISTENING",
                                               "DETAIL"]
-    assert "┃" not in screen and "│" not in screen
+    assert "┃" not in screen
+    assert "│" not in screen
 
 
 def test_terminal_assign_shows_table(cluster, tmux):
