@@ -60,8 +60,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="quil-coord", description="Assign, configure and run a Quilibrium "
-                                     "node cluster through the quil-agent on every host.", epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                     "node cluster through the quil-agent on every host.", epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", help="state directory (default: $QUIL_COORD_HOME)")
     parser.add_argument("--debug", action="store_true", help="log details and show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", action="store_true",
                         help="refresh until Ctrl-C: in place on a terminal, else one snapshot per interval "
                              "(with --json one JSON object per line)")
-    status.add_argument("--interval", type=_watch_interval, default=WATCH_INTERVAL,
+    status.add_argument("--interval", type=_watch_interval,
                         help=f"seconds between refreshes of --watch (default {WATCH_INTERVAL:g}, "
                              f"at least {MIN_WATCH_INTERVAL:g})")
 
@@ -478,8 +478,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .status import collect
 
     home = _home(args)
+    if args.interval is not None and not args.watch:
+        raise ConfigError("--interval sets the refresh of --watch; run quil-coord status --watch --interval "
+                          f"{args.interval:g}, or drop --interval")
     if args.watch:
-        return _watch_status(home, args.interval, args.json)
+        return _watch_status(home, args.interval or WATCH_INTERVAL, args.json)
     hosts = collect(home)
     _print(output.status_json(hosts) if args.json else output.status_listing(hosts))
     return _status_exit(hosts)
@@ -502,8 +505,6 @@ def _watch_status(home: Home, interval: float, as_json: bool) -> int:
     printed whole, separated by a blank line (or one JSON object per line), so a
     log or a script receives every refresh.
     """
-    from .status import collect
-
     try:
         if as_json or not ui.is_rich(sys.stdout):
             _watch_plain(home, interval, as_json)

@@ -6,6 +6,7 @@ import io
 import re
 
 import pytest
+from helpers import DATA
 
 from quil_cluster.coordinator import ui
 from quil_cluster.coordinator.apply import ApplyReport, HostResult
@@ -111,3 +112,14 @@ def test_watch_interval_rejected(tmp_path, capsys, value, message):
     assert exited.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (f"error: argument --interval: {message}; "
                                                         "see quil-coord status --help")
+
+
+def test_interval_without_watch_rejected(tmp_path, capsys):
+    control = tmp_path / "config.yml"
+    control.write_bytes((DATA / "config-1.4.21.yml").read_bytes())
+    home = tmp_path / "coord"
+    assert main(["--home", str(home), "init", "--control-config", str(control)]) == 0
+    capsys.readouterr()
+    assert main(["--home", str(home), "status", "--interval", "5"]) == 3
+    assert capsys.readouterr().err == ("error: --interval sets the refresh of --watch; run quil-coord status "
+                                       "--watch --interval 5, or drop --interval\n")
