@@ -101,16 +101,19 @@ def apply_lock(home: Home, wait: bool) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def apply(home: Home, wait: bool = False, confirm_moves: Callable[[list[str]], bool] | None = None) -> ApplyReport:
+def apply(home: Home, wait: bool = False, confirm_moves: Callable[[list[str]], bool] | None = None,
+          progress: Callable[[str, str], None] | None = None) -> ApplyReport:
     """Run one apply while holding the apply lock (see the module docstring for the steps).
 
     In 2.1 a core's index keys the worker's store and shard state, so cores that
     move to another host since the last apply need confirm_moves(lines) to
     return True; without it such an apply raises InventoryError.
+    progress(host, step) is called from worker threads as each host moves on;
+    its last step for a host is the host's outcome.
     """
     with apply_lock(home, wait):
         _check_moves(home, confirm_moves)
-        report = _apply(home)
+        report = _apply(home, progress or _no_progress)
         if report.exit_code == ExitCode.OK:
             _record_applied(home)
         return report
@@ -137,7 +140,11 @@ def _record_applied(home: Home) -> None:
             home.save_applied(assignment.slots)
 
 
-def _apply(home: Home) -> ApplyReport:
+def _no_progress(host: str, step: str) -> None:
+    pass
+
+
+def _apply(home: Home, progress: Callable[[str, str], None]) -> ApplyReport:
     from .renew import renew_due
 
     started = time.monotonic()
@@ -171,18 +178,23 @@ def _apply(home: Home) -> ApplyReport:
 
     # 2. preflight: an agent whose agent.yaml disagrees with the inventory would reject its
     #    cores after other hosts had already changed, so stop before anyone changes
+    for host in hosts:
+        progress(host.name, "preflight")
     mismatched = _preflight(credentials, hosts, settings.node_generation)
     if mismatched:
         results = {h.name: mismatched.get(h.name) or HostResult(
             h.name, "skipped", error=f"not applied: {', '.join(sorted(mismatched))} failed the preflight")
             for h in hosts}
+        for result in results.values():
+            progress(result.name, result.outcome)
         return ApplyReport(assignment.config_generation, "", [results[h.name] for h in hosts],
                            time.monotonic() - started, renewals)
     # 3. phase one
-    results = for_each_host(hosts, lambda h: _call_apply(credentials, h, request(h, hold=True)))
+    results = for_each_host(hosts, lambda h: _call_apply(credentials, h, request(h, hold=True), progress))
     control = next(h for h in hosts if h.control)
     if results[control.name].control == "held":
-        _release_control(credentials, hosts, control, results, lambda h: request(h, hold=False), cores)
+        _release_control(credentials, hosts, control, results, lambda h: request(h, hold=False), cores, progress)
+    progress(control.name, results[control.name].outcome)
     report = ApplyReport(assignment.config_generation, request(control, True).config_sha256,
                          [results[h.name] for h in hosts], time.monotonic() - started, renewals, warnings)
     log.info("apply finished in %.2f s", report.seconds)
@@ -190,17 +202,19 @@ def _apply(home: Home) -> ApplyReport:
 
 
 def _release_control(credentials: Credentials, hosts: list[Host], control: Host, results: dict[str, HostResult],
-                     make_request, cores: dict[str, list[int]]) -> None:
+                     make_request, cores: dict[str, list[int]], progress: Callable[[str, str], None]) -> None:
     failed = [name for name, r in results.items() if r.outcome in ("failed", "unreachable")]
     result = results[control.name]
     if failed:
         result.error = f"control process not started: hosts {', '.join(failed)} did not apply"
         return
     # 4. wait for the workers
+    progress(control.name, "waiting for workers to listen")
     pending = _wait_workers_listening(credentials, hosts, cores)
     if pending:
         log.warning("starting the control process although cores %s do not listen yet", pending)
     # 5. phase two
+    progress(control.name, "starting control process")
     second = _call_apply(credentials, control, make_request(control))
     if second.outcome in ("failed", "unreachable"):
         results[control.name] = second
@@ -245,20 +259,27 @@ def _disagreement(host: Host, facts: pb.HostFacts, generation: str) -> str | Non
     return None
 
 
-def _call_apply(credentials: Credentials, host: Host, request: pb.ApplyRequest) -> HostResult:
+def _call_apply(credentials: Credentials, host: Host, request: pb.ApplyRequest,
+                progress: Callable[[str, str], None] = _no_progress) -> HostResult:
+    progress(host.name, "applying")
     channel, stub = credentials.stub(host)
     try:
         reply = stub.Apply(request, timeout=APPLY_TIMEOUT)
     except grpc.RpcError as err:
-        return _failed(host, call_error(err))
+        result = _failed(host, call_error(err))
+        progress(host.name, result.outcome)
+        return result
     finally:
         channel.close()
     control = _CONTROL_NAMES.get(reply.control, "none")
-    return HostResult(
+    result = HostResult(
         name=host.name, outcome="changed" if reply.changed else "unchanged", config_changed=reply.config_changed,
         started=list(reply.started), stopped=list(reply.stopped), restarted=list(reply.restarted), control=control,
         firewall_changed=reply.firewall_changed, warnings=list(reply.warnings),
     )
+    # The control host's phase one ends with its control process held; its outcome comes after phase two.
+    progress(host.name, "control process held" if result.control == "held" else result.outcome)
+    return result
 
 
 def _failed(host: Host, error: CallError) -> HostResult:

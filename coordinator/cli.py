@@ -12,6 +12,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
@@ -21,7 +22,7 @@ from ..common.install import add_arguments as install_arguments  # noqa: E402
 from ..common.errors import (ConfigError, HostError, InventoryError, QuilClusterError, StateError,  # noqa: E402
                              TLSError, UnreachableError)
 from ..common.exitcodes import ExitCode  # noqa: E402
-from . import cluster, output  # noqa: E402
+from . import cluster, output, ui  # noqa: E402
 from .home import Home  # noqa: E402
 from .inventory import Host  # noqa: E402
 
@@ -29,7 +30,14 @@ log = logging.getLogger(__name__)
 
 EPILOG = """exit status: 0 ok, 1 unexpected error, 2 usage, 3 invalid input or state,
 4 a host failed (doctor: a problem found), 5 a host unreachable, 6 TLS or authorization, 7 verify found a violation,
-130 interrupted"""
+130 interrupted (status --watch ends with 0 on Ctrl-C)
+
+output: tables and live progress on a terminal; plain text when piped or with
+TERM=dumb; NO_COLOR drops colour. Commands that report state take --json."""
+
+# Seconds between two refreshes of status --watch, by default and at least.
+WATCH_INTERVAL = 2.0
+MIN_WATCH_INTERVAL = 0.5
 
 # Expected failures and their exit status; anything else is a bug.
 ERROR_EXIT = (
@@ -43,10 +51,18 @@ ERROR_EXIT = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors have the shape of every other error line."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(ExitCode.USAGE, f"error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="quil-coord", description="Assign, configure and run a Quilibrium "
-                                     "node cluster through the quil-agent on every host.", epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="quil-coord", description="Assign, configure and run a Quilibrium "
+                     "node cluster through the quil-agent on every host.", epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", help="state directory (default: $QUIL_COORD_HOME)")
     parser.add_argument("--debug", action="store_true", help="log details and show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,12 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
         dest="firewall_command", required=True)
     show = firewall.add_parser("show", help="print the nftables and ufw rules each host gets")
     show.add_argument("--host", help="only this host")
+    show.add_argument("--json", action="store_true", help="print JSON instead of the scripts")
 
     doctor = sub.add_parser("doctor", help="check every host for the common field problems and print the fixes")
     doctor.add_argument("--json", action="store_true", help="print JSON instead of lines")
 
     status = sub.add_parser("status", help="show every host's processes")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument("--watch", action="store_true",
+                        help="refresh until Ctrl-C: in place on a terminal, else one snapshot per interval "
+                             "(with --json one JSON object per line)")
+    status.add_argument("--interval", type=_watch_interval,
+                        help=f"seconds between refreshes of --watch (default {WATCH_INTERVAL:g}, "
+                             f"at least {MIN_WATCH_INTERVAL:g})")
 
     _add_token_parsers(sub)
 
@@ -145,7 +168,7 @@ def _add_host_parsers(sub: argparse._SubParsersAction) -> None:
     add.add_argument("--bundle", required=True, type=Path, help="directory to write the agent bundle to")
 
     lst = host.add_parser("list", help="list the hosts")
-    lst.add_argument("--json", action="store_true")
+    lst.add_argument("--json", action="store_true", help="print JSON instead of a table")
     remove = host.add_parser("remove", help="stop a host's workers, revoke its certificate, then assign and apply")
     remove.add_argument("name")
     remove.add_argument("--no-apply", action="store_true", help="only remove from the inventory and revoke")
@@ -177,9 +200,19 @@ def _add_token_parsers(sub: argparse._SubParsersAction) -> None:
     create.add_argument("--workers", type=int, help="worker count of the joining host (default: its CPUs)")
     create.add_argument("--host-name", help="name of the joining host (default: host-TOKENID)")
     lst = token.add_parser("list", help="list tokens (never their secrets)")
-    lst.add_argument("--json", action="store_true")
+    lst.add_argument("--json", action="store_true", help="print JSON instead of a table")
     revoke = token.add_parser("revoke", help="revoke a token by its id")
     revoke.add_argument("token_id")
+
+
+def _watch_interval(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid interval '{text}': give seconds, like 2 or 0.5") from None
+    if not seconds >= MIN_WATCH_INTERVAL:
+        raise argparse.ArgumentTypeError(f"interval {text} is too short: give at least {MIN_WATCH_INTERVAL:g} s")
+    return seconds
 
 
 def _add_count_options(parser: argparse.ArgumentParser) -> None:
@@ -247,8 +280,8 @@ def cmd_host(args: argparse.Namespace) -> int:
         print(f"added host {host.name}; copy {path.parent} to the host and run: quil-agent run --config agent.yaml")
     elif args.host_command == "list":
         home.require()
-        rows = [h.to_dict() for h in home.load_hosts()]
-        print(json.dumps({"hosts": rows}, indent=2) if args.json else output.host_table(rows))
+        hosts = home.load_hosts()
+        _print(output.hosts_json(hosts) if args.json else output.host_listing([h.to_dict() for h in hosts]))
     elif args.host_command == "remove":
         return _remove_host(home, args)
     elif args.host_command == "bundle":
@@ -281,8 +314,9 @@ def _remove_host(home: Home, args: argparse.Namespace) -> int:
     if not home.load_hosts():
         return ExitCode.OK
     code = cmd_assign(argparse.Namespace(home=args.home, json=False, dry_run=False))
-    report = apply(home, confirm_moves=lambda moves: args.yes or _ask_moves(moves))
-    print(output.apply_lines(report))
+    with ui.host_progress("apply") as progress:
+        report = apply(home, confirm_moves=lambda moves: args.yes or _ask_moves(moves), progress=progress)
+    _print(output.apply_listing(report))
     return max(code, report.exit_code)
 
 
@@ -302,7 +336,7 @@ def cmd_token(args: argparse.Namespace) -> int:
         print(f"quil-agent join {address} --token {text} --ca-hash {ca_hash}")
     elif args.token_command == "list":
         rows = tokens.list_tokens(home)
-        print(output.tokens_json(rows) if args.json else output.token_table(rows))
+        _print(output.tokens_json(rows) if args.json else output.token_listing(rows))
     else:
         record = tokens.revoke(home, args.token_id)
         print(f"revoked token {record.id}")
@@ -370,7 +404,7 @@ def cmd_assign(args: argparse.Namespace) -> int:
                           "moved_from": plan.moved_from, "sizing": plan.sizing, "workers": rows},
                          indent=2))
     else:
-        print(output.assignment_table(rows, plan, recorded.config_generation, args.dry_run))
+        _print(output.assignment_listing(rows, plan, recorded.config_generation, args.dry_run))
     return ExitCode.OK
 
 
@@ -378,8 +412,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from .apply import apply
 
     home = _home(args)
-    report = apply(home, wait=args.wait, confirm_moves=lambda moves: args.yes or _ask_moves(moves))
-    print(output.apply_json(report) if args.json else output.apply_lines(report))
+    with ui.host_progress("apply") as progress:
+        report = apply(home, wait=args.wait, confirm_moves=lambda moves: args.yes or _ask_moves(moves),
+                       progress=progress)
+    _print(output.apply_json(report) if args.json else output.apply_listing(report))
     if report.exit_code != ExitCode.OK or args.no_verify:
         return report.exit_code
     return _run_verify(home, as_json=False, quiet_when_ok=args.json)
@@ -400,12 +436,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def _run_verify(home: Home, as_json: bool, quiet_when_ok: bool) -> int:
     from .verify import verify
 
-    report = verify(home)
+    with ui.host_progress("verify") as progress:
+        report = verify(home, progress=progress)
     if as_json:
         print(output.verify_json(report))
     elif not (quiet_when_ok and report.exit_code == ExitCode.OK):
-        stream = sys.stderr if quiet_when_ok else sys.stdout
-        print(output.verify_text(report), file=stream)
+        _print(output.verify_listing(report), sys.stderr if quiet_when_ok else sys.stdout)
     return report.exit_code
 
 
@@ -442,15 +478,28 @@ def cmd_firewall(args: argparse.Namespace) -> int:
         if any(h.name == args.host for h in hosts):
             raise InventoryError(f"host {args.host} is probe-only: it runs no workers, so it has no worker ports")
         raise InventoryError(f"unknown host '{args.host}'; known hosts: {', '.join(h.name for h in hosts)}")
-    print("\n\n".join(render_show(host_policy(settings, hosts, slots, h)) for h in chosen))
+    policies = [host_policy(settings, hosts, slots, h) for h in chosen]
+    print(output.firewall_json(policies) if args.json else "\n\n".join(render_show(p) for p in policies))
     return ExitCode.OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import collect, unhealthy
+    from .status import collect
 
-    hosts = collect(_home(args))
-    print(output.status_json(hosts) if args.json else output.status_table(hosts))
+    home = _home(args)
+    if args.interval is not None and not args.watch:
+        raise ConfigError("--interval sets the refresh of --watch; run quil-coord status --watch --interval "
+                          f"{args.interval:g}, or drop --interval")
+    if args.watch:
+        return _watch_status(home, args.interval or WATCH_INTERVAL, args.json)
+    hosts = collect(home)
+    _print(output.status_json(hosts) if args.json else output.status_listing(hosts))
+    return _status_exit(hosts)
+
+
+def _status_exit(hosts) -> int:
+    from .status import unhealthy
+
     failing = [h.exit_code for h in hosts if h.exit_code != ExitCode.OK]
     if failing:
         return max(failing)
@@ -472,6 +521,56 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     result = install.install(install.COORD, install.options_from(args))
     print(install.summary(install.COORD, result, args.venv))
     return ExitCode.OK
+
+
+def _watch_status(home: Home, interval: float, as_json: bool) -> int:
+    """Show status every interval until Ctrl-C, which ends the watch with exit status 0.
+
+    On a terminal the table is redrawn in place; anywhere else each snapshot is
+    printed whole, separated by a blank line (or one JSON object per line), so a
+    log or a script receives every refresh.
+    """
+    try:
+        if as_json or not ui.is_rich(sys.stdout):
+            _watch_plain(home, interval, as_json)
+        else:
+            _watch_live(home, interval)
+    except KeyboardInterrupt:
+        pass
+    return ExitCode.OK
+
+
+def _watch_live(home: Home, interval: float) -> None:
+    from .status import collect
+
+    with ui.live_view() as update:
+        while True:
+            listing = output.status_listing(collect(home))
+            listing.after.append(f"refreshed {time.strftime('%H:%M:%S')}, every {interval:g} s; Ctrl-C stops")
+            update(ui.render(listing))
+            time.sleep(interval)
+
+
+def _watch_plain(home: Home, interval: float, as_json: bool) -> None:
+    from .status import collect
+
+    first = True
+    while True:
+        hosts = collect(home)
+        if as_json:
+            print(output.status_json(hosts, indent=None), flush=True)
+        else:
+            print(("" if first else "\n") + output.status_table(hosts), flush=True)
+        first = False
+        time.sleep(interval)
+
+
+def _print(result: "output.Listing | str", stream=None) -> None:
+    """Print a listing through ui (a table on a terminal) or a prepared text such as JSON as it is."""
+    if isinstance(result, output.Listing):
+        ui.show(result, stream)
+    else:
+        print(result, file=stream or sys.stdout)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
 from .apply import ApplyReport
@@ -21,12 +21,37 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
 
 
+@dataclass
+class Listing:
+    """A table with the lines printed before and after it: one result, for plain text or ui.py's rich table."""
+
+    headers: Sequence[str]
+    rows: list[Sequence[object]]
+    before: list[str] = field(default_factory=list)
+    after: list[str] = field(default_factory=list)
+    # The plain form when it is not the table itself (apply prints one line per host).
+    text: str | None = None
+
+    def plain(self) -> str:
+        if self.text is not None:
+            return self.text
+        parts = self.before + ([table(self.headers, self.rows)] if self.headers else []) + self.after
+        return "\n".join(parts)
+
+
+def host_listing(rows: list[dict]) -> Listing:
+    return Listing(("NAME", "ADDRESS", "AGENT", "CONTROL", "WORKERS", "RESERVE", "CPUS"),
+                   [(r["name"], r["address"], r["agent"], "yes" if r.get("control") else "", r.get("workers"),
+                     r.get("reserve"), r.get("cpus")) for r in rows])
+
+
 def host_table(rows: list[dict]) -> str:
-    return table(
-        ("NAME", "ADDRESS", "AGENT", "CONTROL", "WORKERS", "RESERVE", "CPUS"),
-        ((r["name"], r["address"], r["agent"], "yes" if r.get("control") else "", r.get("workers"),
-          r.get("reserve"), r.get("cpus")) for r in rows),
-    )
+    return host_listing(rows).plain()
+
+
+def hosts_json(hosts: list) -> str:
+    """Format every inventory field of every host, null where unset, so scripts get one fixed set of keys."""
+    return json.dumps({"hosts": [asdict(h) for h in hosts]}, indent=2)
 
 
 def assignment_rows(settings: Settings, slots: list[Slot]) -> list[dict]:
@@ -42,39 +67,63 @@ def assignment_rows(settings: Settings, slots: list[Slot]) -> list[dict]:
     return rows
 
 
-def assignment_table(rows: list[dict], plan: Plan, generation: int, dry_run: bool) -> str:
+def assignment_listing(rows: list[dict], plan: Plan, generation: int, dry_run: bool) -> Listing:
     marks = {c: "new" for c in plan.added} | {c: f"moved from {plan.moved_from[c]}" for c in plan.moved}
-    body = table(("CORE", "HOST", "MULTIADDR", "CHANGE"),
-                 ((r["core"], r["host"], r["multiaddr"], marks.get(r["core"], "")) for r in rows))
     summary = (f"{len(rows)} workers, {len(plan.added)} new, {len(plan.moved)} moved, "
                f"{len(plan.removed)} removed; config generation {generation}")
     tail = "dry run: nothing recorded" if dry_run else "recorded; run quil-coord apply to push it"
-    sizing = "".join(f"{name}: {reason}\n" for name, reason in plan.sizing.items())
-    return f"{body}\n{sizing}{summary}\n{tail}"
+    sizing = [f"{name}: {reason}" for name, reason in plan.sizing.items()]
+    return Listing(("CORE", "HOST", "MULTIADDR", "CHANGE"),
+                   [(r["core"], r["host"], r["multiaddr"], marks.get(r["core"], "")) for r in rows],
+                   after=sizing + [summary, tail])
+
+
+def assignment_table(rows: list[dict], plan: Plan, generation: int, dry_run: bool) -> str:
+    return assignment_listing(rows, plan, generation, dry_run).plain()
 
 
 def apply_lines(report: ApplyReport) -> str:
-    lines = [f"warning: {warning}" for warning in report.warnings]
-    lines += [f"{name}: certificate {outcome}" for name, outcome in sorted(report.renewals.items())]
+    lines = _apply_head(report)
     for host in report.hosts:
-        if host.outcome in ("failed", "unreachable", "skipped"):
-            lines.append(f"{host.name}: {host.outcome.upper()} ({host.error})")
-            continue
-        parts = [("config written" if host.config_changed else ""), ("firewall updated" if host.firewall_changed else "")]
-        parts += [f"{label} {_cores(cores)}" for label, cores in
-                  (("started", host.started), ("stopped", host.stopped), ("restarted", host.restarted)) if cores]
-        if host.control not in ("none", "held"):
-            parts.append(f"control process {host.control}")
-        if host.error:
-            parts.append(host.error)
-        detail = "; ".join(p for p in parts if p)
-        lines.append(f"{host.name}: {host.outcome}" + (f" ({detail})" if detail else ""))
+        outcome, detail = apply_outcome(host)
+        lines.append(f"{host.name}: {outcome}" + (f" ({detail})" if detail else ""))
         lines += [f"{host.name}: warning: {warning}" for warning in host.warnings]
+    lines.append(_apply_summary(report))
+    return "\n".join(lines)
+
+
+def apply_listing(report: ApplyReport) -> Listing:
+    """Build the apply result as one row per host for a terminal; apply_lines stays the plain form."""
+    rows = [(host.name, *apply_outcome(host)) for host in report.hosts]
+    warnings = [f"{host.name}: warning: {warning}" for host in report.hosts for warning in host.warnings]
+    return Listing(("HOST", "OUTCOME", "DETAIL"), rows, before=_apply_head(report),
+                   after=warnings + [_apply_summary(report)], text=apply_lines(report))
+
+
+def apply_outcome(host) -> tuple[str, str]:
+    """Return a host's outcome word (upper case for a failure) and what changed or why it failed."""
+    if host.outcome in ("failed", "unreachable", "skipped"):
+        return host.outcome.upper(), host.error
+    parts = [("config written" if host.config_changed else ""), ("firewall updated" if host.firewall_changed else "")]
+    parts += [f"{label} {_cores(cores)}" for label, cores in
+              (("started", host.started), ("stopped", host.stopped), ("restarted", host.restarted)) if cores]
+    if host.control not in ("none", "held"):
+        parts.append(f"control process {host.control}")
+    if host.error:
+        parts.append(host.error)
+    return host.outcome, "; ".join(p for p in parts if p)
+
+
+def _apply_head(report: ApplyReport) -> list[str]:
+    lines = [f"warning: {warning}" for warning in report.warnings]
+    return lines + [f"{name}: certificate {outcome}" for name, outcome in sorted(report.renewals.items())]
+
+
+def _apply_summary(report: ApplyReport) -> str:
     counts = {o: sum(1 for h in report.hosts if h.outcome == o)
               for o in ("unchanged", "changed", "failed", "unreachable", "skipped")}
-    lines.append(", ".join(f"{n} {o}" for o, n in counts.items()) +
-                 f"; config generation {report.config_generation}; {report.seconds:.2f} s")
-    return "\n".join(lines)
+    return (", ".join(f"{n} {o}" for o, n in counts.items()) +
+            f"; config generation {report.config_generation}; {report.seconds:.2f} s")
 
 
 def apply_json(report: ApplyReport) -> str:
@@ -85,7 +134,11 @@ def apply_json(report: ApplyReport) -> str:
 
 
 def status_table(hosts: list[HostStatus]) -> str:
-    rows = []
+    return status_listing(hosts).plain()
+
+
+def status_listing(hosts: list[HostStatus]) -> Listing:
+    rows: list[Sequence[object]] = []
     for host in hosts:
         if not host.reachable:
             rows.append((host.name, "", "unreachable", "", "", "", "", host.error))
@@ -97,23 +150,23 @@ def status_table(hosts: list[HostStatus]) -> str:
                          p["restarts"], _listening(p), p["detail"]))
         rows += [(host.name, core, "missing", "", "", "", "", "assigned but not running; run apply")
                  for core in host.expected_cores if core not in seen]
-    body = table(("HOST", "CORE", "STATE", "PID", "UPTIME", "RESTARTS", "LISTENING", "DETAIL"), rows)
+    notes = []
     versions = sorted({h.node_version for h in hosts if h.node_version})
     if len(versions) > 1:
-        body += "\nwarning: hosts run different node releases: " + ", ".join(
-            f"{h.name} {h.node_version}" for h in hosts if h.node_version)
-    body += "".join(f"\n{h.name}: config.yml was changed after the last apply (drift"
-                    + (f" in {', '.join(h.drifted_keys)}" if h.drifted_keys else "") + "); quil-coord apply restores it"
-                    for h in hosts if h.drifted)
+        notes.append("warning: hosts run different node releases: " + ", ".join(
+            f"{h.name} {h.node_version}" for h in hosts if h.node_version))
+    notes += [f"{h.name}: config.yml was changed after the last apply (drift"
+              + (f" in {', '.join(h.drifted_keys)}" if h.drifted_keys else "") + "); quil-coord apply restores it"
+              for h in hosts if h.drifted]
     expiry = [f"{h.name} {h.cert_expires_in_days:.1f}" for h in hosts if h.cert_expires_in_days is not None]
     if expiry:
-        body += "\nagent certificates expire in (days): " + ", ".join(expiry)
-    return body
+        notes.append("agent certificates expire in (days): " + ", ".join(expiry))
+    return Listing(("HOST", "CORE", "STATE", "PID", "UPTIME", "RESTARTS", "LISTENING", "DETAIL"), rows, after=notes)
 
 
-def status_json(hosts: list[HostStatus]) -> str:
+def status_json(hosts: list[HostStatus], indent: int | None = 2) -> str:
     rows = [{k: v for k, v in asdict(h).items() if k != "exit_code"} for h in hosts]
-    return json.dumps({"hosts": rows}, indent=2)
+    return json.dumps({"hosts": rows}, indent=indent)
 
 
 def _listening(process: dict) -> str:
@@ -149,12 +202,14 @@ def _token_state(record) -> str:
     return "valid"
 
 
+def token_listing(records: list) -> Listing:
+    return Listing(("ID", "STATE", "EXPIRES", "USES LEFT", "WORKERS", "HOST NAME"),
+                   [(r.id, _token_state(r), timestamp(r.expires), f"{r.uses_left}/{r.uses_total}", r.workers,
+                     r.host_name) for r in records])
+
+
 def token_table(records: list) -> str:
-    return table(
-        ("ID", "STATE", "EXPIRES", "USES LEFT", "WORKERS", "HOST NAME"),
-        ((r.id, _token_state(r), timestamp(r.expires), f"{r.uses_left}/{r.uses_total}", r.workers, r.host_name)
-         for r in records),
-    )
+    return token_listing(records).plain()
 
 
 def tokens_json(records: list) -> str:
@@ -167,26 +222,29 @@ _CELL = {"open": "open", "refused": "refused", "timeout": "filtered", "error": "
 
 def verify_text(report) -> str:
     """Format the reachability grid (rows: worker ports, columns: sources), then one line per violation."""
-    lines = []
+    return verify_listing(report).plain()
+
+
+def verify_listing(report) -> Listing:
+    before = []
     if report.local:
-        lines.append("local cluster: all hosts share this machine's network, so exposure between hosts is not "
-                     "probed")
+        before.append("local cluster: all hosts share this machine's network, so exposure between hosts is not "
+                      "probed")
     sources = sorted({c.source for c in report.cells})
-    rows: dict[str, dict[str, str]] = {}
+    grid: dict[str, dict[str, str]] = {}
     for cell in report.cells:
         mark = "" if cell.ok else "!"
-        rows.setdefault(cell.target.label, {})[cell.source] = _CELL.get(cell.observed, cell.observed) + mark
-    if rows:
-        lines.append(table(["PORT"] + [f"FROM {s}" for s in sources],
-                           ([label] + [cells.get(s, "-") for s in sources] for label, cells in rows.items())))
-    for name, observed in sorted(report.agent_ports.items()):
-        lines.append(f"{name}: agent port without a client certificate: {observed}")
-    lines += [f"violation: {text}" for text in report.violations]
-    lines += [f"error: {name}: {reason}" for name, reason in sorted(report.errors.items())]
+        grid.setdefault(cell.target.label, {})[cell.source] = _CELL.get(cell.observed, cell.observed) + mark
+    headers = ["PORT"] + [f"FROM {s}" for s in sources] if grid else []
+    rows = [[label] + [cells.get(s, "-") for s in sources] for label, cells in grid.items()]
+    after = [f"{name}: agent port without a client certificate: {observed}"
+             for name, observed in sorted(report.agent_ports.items())]
+    after += [f"violation: {text}" for text in report.violations]
+    after += [f"error: {name}: {reason}" for name, reason in sorted(report.errors.items())]
     probes = len(report.cells)
     count = len(report.violations)
-    lines.append(f"{probes} probes, {count} violation{'' if count == 1 else 's'}" + ("" if count else "; ok"))
-    return "\n".join(lines)
+    after.append(f"{probes} probes, {count} violation{'' if count == 1 else 's'}" + ("" if count else "; ok"))
+    return Listing(headers, rows, before=before, after=after)
 
 
 def verify_json(report) -> str:
@@ -196,3 +254,13 @@ def verify_json(report) -> str:
     return json.dumps({"ok": not report.violations and not report.errors, "local": report.local,
                        "probes": probes, "agent_ports": report.agent_ports, "violations": report.violations,
                        "errors": report.errors}, indent=2)
+
+
+def firewall_json(policies: list) -> str:
+    """Format the rules of firewall show as JSON, each host with its nftables script and ufw commands."""
+    from ..common.firewall import render_nft, render_ufw
+
+    hosts = [{"host": p.host, "address": p.address,
+              "rules": [{"ports": list(r.ports), "sources": list(r.sources), "purpose": r.purpose} for r in p.rules],
+              "nftables": render_nft(p), "ufw": render_ufw(p)} for p in policies]
+    return json.dumps({"hosts": hosts}, indent=2)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import ssl
 from dataclasses import dataclass, field
+from typing import Callable
 
 import grpc
 
@@ -65,7 +66,9 @@ class VerifyReport:
         return ExitCode.UNREACHABLE if self.errors else ExitCode.OK
 
 
-def verify(home: Home) -> VerifyReport:
+def verify(home: Home, progress: Callable[[str, str], None] | None = None) -> VerifyReport:
+    """Run the steps of the module docstring; progress(host, step) is called from worker threads."""
+    step = progress or (lambda host, text: None)
     with home.locked():
         settings = home.load_settings()
         hosts = home.load_hosts()
@@ -80,16 +83,24 @@ def verify(home: Home) -> VerifyReport:
     # 1.-3. probes; a source whose agent did not respond is an error, not a violation
     if not settings.local:
         grid = _expected_grid(policy.targets(settings, slots), hosts, control)
+        for host in hosts:
+            step(host.name, "probing worker ports")
         report.cells = _measure(credentials, hosts, grid, report.errors)
         report.violations += [_probe_violation(cell, control, settings) for cell in report.cells
                               if not cell.ok and cell.observed != "unreachable"]
     # 4. listeners
+    for host in hosts:
+        step(host.name, "checking listeners")
     report.violations += _audit_listeners(credentials, hosts, settings, slots, report.errors)
     # 5. agent ports
+    for host in hosts:
+        step(host.name, "checking the agent port")
     report.agent_ports = for_each_host(hosts, lambda h: _handshake_without_cert(h, home.trust_bundle()))
     report.violations += [f"{name}: agent port {next(h.agent for h in hosts if h.name == name)} accepted a TLS "
                           "handshake without a client certificate; run the agent from a bundle of this cluster"
                           for name, observed in report.agent_ports.items() if observed == "accepted"]
+    for host in hosts:
+        step(host.name, "done")
     return report
 
 
