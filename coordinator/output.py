@@ -196,3 +196,14 @@ def verify_json(report) -> str:
     return json.dumps({"ok": not report.violations and not report.errors, "local": report.local,
                        "probes": probes, "agent_ports": report.agent_ports, "violations": report.violations,
                        "errors": report.errors}, indent=2)
+
+
+def control_lines(outcomes: list) -> str:
+    """Format one line per core of quil-coord start, stop or restart."""
+    rows = [(o.host, "control" if o.core == 0 else o.core, o.result, o.pid or "", o.detail) for o in outcomes]
+    return table(("HOST", "CORE", "RESULT", "PID", "DETAIL"), rows)
+
+
+def control_json(host: str, outcomes: list) -> str:
+    rows = [{k: v for k, v in asdict(o).items() if k not in ("host", "exit_code")} for o in outcomes]
+    return json.dumps({"host": host, "results": rows}, indent=2)
