@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 VERBS = ("start", "stop", "restart")
 # Upper bound of wait_seconds; larger values are clamped to it.
 MAX_WAIT_SECONDS = 120.0
-# Control requests whose action may be queued or running at once; more are rejected
-# so that a client cannot pile up threads waiting for the reconciler lock.
+# Control requests whose action may be queued or running at once. More are rejected,
+# so a client cannot pile up threads that wait for the reconciler lock.
 MAX_PENDING_ACTIONS = 4
 # Seconds between checks of a process's state while waiting.
 POLL_SECONDS = 0.05
@@ -57,7 +57,7 @@ class CoreResult:
 
 @dataclass
 class _Action:
-    """What the action thread decided and did, read by the waiting RPC thread once `done` is set."""
+    """The decisions and steps of one action thread; the waiting RPC thread reads them once `done` is set."""
 
     verb: str
     requested: list[int]

@@ -1,7 +1,7 @@
 """Read a supervised process's log file for ReadLog: its last lines, then new data as it is written.
 
-The file is the one the supervisor writes for the core (control.log or
-worker-N.log in the agent's log directory); its path is built from the core
+The file is the one the supervisor writes for the core: control.log or
+worker-N.log in the agent's log directory. Its path is built from the core
 number alone. Every stream is bounded: chunks of at most MAX_CHUNK_BYTES, an
 initial tail of at most MAX_TAIL_BYTES, and MAX_RATE_BYTES per second. When
 the process writes faster than that, the stream skips ahead to the newest
@@ -176,7 +176,7 @@ class LogReader:
             self._handle = None
             return segments + self._fresh_file()
         # NOTE: a file truncated and then grown past the offset between two checks looks unchanged,
-        # so the data before the offset is skipped; the supervisor checks sizes only every 10 s.
+        # so its data before the offset is never sent. The supervisor rotates at most every 10 s.
         if current.st_size < self._offset:
             segments = self._rotated_copy()
             self._offset = 0
@@ -212,7 +212,7 @@ class LogReader:
 
 
 def _start_of_last_lines(window: bytes, lines: int) -> int | None:
-    """Return the index where the last `lines` lines of window begin, or None if window holds fewer lines.
+    """Return the index where the last `lines` lines of window begin, or None if window contains fewer lines.
 
     A final line without a newline counts as a line.
     """

@@ -105,8 +105,8 @@ class Reconciler:
         self.config_path = config.node_config_dir / "config.yml"
         self.desired = self._load_desired()
         self._revoked = frozenset(self.desired.revoked_serials)
-        # Inventory name of this host, for the commands that messages suggest; the service sets
-        # it from the agent certificate, which the coordinator issues for that name.
+        # Inventory name of this host, used in the commands that messages suggest. The service
+        # sets it from the agent certificate, because the coordinator issues that for the name.
         self.host_name = "HOST"
         # Set once the agent shuts down, so a control request still queued for the lock does nothing.
         self.closed = False
@@ -339,7 +339,7 @@ class Reconciler:
         if alive and self.desired.control_lists_sha256 == plan.lists_sha256:
             return
         if CONTROL in self.desired.held:
-            return  # quil-coord stop holds it; _held_warnings names the command that starts it
+            return  # held by quil-coord stop; _held_warnings names the command that starts it
         if hold:
             result.control = "held"
             return

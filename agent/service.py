@@ -196,7 +196,7 @@ class AgentService(pb_grpc.AgentServicer):
             name = pb.ControlVerb.Name(request.verb) if request.verb in pb.ControlVerb.values() else "unknown"
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"verb {request.verb} ({name}) is not valid; use START, STOP or RESTART")
-        # Leave a second of the call's deadline for the answer to travel back.
+        # Leave a second of the call's deadline for the response to travel back.
         remaining = context.time_remaining()
         wait = request.wait_seconds if remaining is None else min(request.wait_seconds, max(0.0, remaining - 1.0))
         try:
@@ -209,6 +209,8 @@ class AgentService(pb_grpc.AgentServicer):
     def ReadLog(self, request: pb.ReadLogRequest, context: grpc.ServicerContext) -> Iterator[pb.LogChunk]:
         path = self._log_path(request.core, context)
         if not self._log_slots.acquire(blocking=False):
+            log.warning("log stream rejected: core=%d, all %d slots in use (from %s)", request.core,
+                        logs.MAX_STREAMS, context.peer())
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"at most {logs.MAX_STREAMS} log streams at once; close one and retry")
         try:
@@ -225,10 +227,12 @@ class AgentService(pb_grpc.AgentServicer):
     def _log_path(self, core: int, context: grpc.ServicerContext) -> Path:
         """Return the log file of core, which must be assigned to this host or have a log file."""
         if core > MAX_CORES:
+            log.warning("log stream rejected: core=%d is out of range (from %s)", core, context.peer())
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"core {core} is out of range; core indices go "
                                                             f"from 0 (the control process) to {MAX_CORES}")
         path = logs.log_file(self.config.log_dir, core)
         if core not in self.reconciler.assigned() and not path.exists():
+            log.warning("log stream rejected: core=%d is unknown here (from %s)", core, context.peer())
             context.abort(grpc.StatusCode.NOT_FOUND, f"core {core} is not assigned to this host and has no log "
                                                      "file here; check the core with quil-coord status")
         return path

@@ -1,6 +1,6 @@
 """Start, stop and restart single node processes on one host (quil-coord start, stop, restart).
 
-The agent does the work and the waiting (see agent/control.py); this module
+The agent does the work and the waiting (see agent/control.py). This module
 picks the host, sends one Control call and turns the per-core results into
 outcomes and an exit status. Like systemctl, starting a running process and
 stopping a stopped one succeed with a note.
@@ -71,7 +71,7 @@ def control(home: Home, host_name: str, verb: str, cores: list[int], wait_second
     request = pb.ControlRequest(verb=VERBS[verb], cores=cores, wait_seconds=wait_seconds)
     channel, stub = Credentials(home).stub(host)
     try:
-        # The agent answers within wait_seconds (clamped to 120 s); the margin covers the call itself.
+        # The agent responds within wait_seconds (clamped to 120 s), and the margin covers the call itself.
         reply = stub.Control(request, timeout=min(wait_seconds, 120.0) + CALL_TIMEOUT)
     except grpc.RpcError as err:
         raise call_failure(host.name, err) from err

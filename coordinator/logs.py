@@ -21,8 +21,10 @@ def default_core(home: Home, host: Host) -> int:
     """Return the core to read when none was given: the host's only process; else raise InventoryError."""
     with home.locked():
         assignment = home.load_assignment()
-    cores = ([0] if host.control else []) + sorted(s.core for s in (assignment.slots if assignment else [])
-                                                   if s.host == host.name)
+    slots = assignment.slots if assignment else []
+    cores = sorted(s.core for s in slots if s.host == host.name)
+    if host.control:
+        cores.insert(0, 0)
     if len(cores) == 1:
         return cores[0]
     if not cores:

@@ -265,7 +265,7 @@ def test_start_of_crashing_binary_is_spawn_failed(running_agent):
     assert "bind: address already in use" in log
 
 
-def test_wait_zero_is_timeout_and_the_start_carries_on(applied):
+def test_wait_zero_is_timeout(applied):
     _control(applied.stub, STOP, [2])
     [result] = _control(applied.stub, START, [2], wait=0)
     assert result.error == pb.CONTROL_ERROR_TIMEOUT
@@ -280,7 +280,14 @@ def test_pending_actions_are_bounded(applied):
     lock = applied.agent.agent.reconciler.lock
     lock.acquire()
     try:
-        for _ in range(control.MAX_PENDING_ACTIONS):
+        # The first request waits its full second for the lock, then returns; the action stays queued.
+        started = time.monotonic()
+        [result] = _control(applied.stub, STOP, [1], wait=1.0)
+        elapsed = time.monotonic() - started
+        print(f"Control with wait_seconds=1 behind a held lock returned after {elapsed:.3f} s")
+        assert 1.0 <= elapsed < 3.0
+        assert (result.error, result.state) == (pb.CONTROL_ERROR_TIMEOUT, pb.PROCESS_STATE_RUNNING)
+        for _ in range(control.MAX_PENDING_ACTIONS - 1):
             [result] = _control(applied.stub, START, [1], wait=0)
             assert result.error == pb.CONTROL_ERROR_TIMEOUT
         with pytest.raises(grpc.RpcError) as err:

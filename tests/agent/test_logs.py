@@ -159,7 +159,8 @@ def test_fast_writer_is_skipped_to_rate(tmp_path):
     assert all(len(c.data) <= logs.MAX_CHUNK_BYTES for c in chunks)
     # The kept part starts at a line boundary and ends with the flood's last line.
     data = b"".join(c.data for c in follow)
-    assert data.startswith(b"line ") and data.endswith(b"line 99999\n")
+    assert data.startswith(b"line ")
+    assert data.endswith(b"line 99999\n")
 
 
 def test_rate_budget_refills_over_time():
@@ -265,7 +266,8 @@ def test_read_log_fifth_stream_is_rejected(running_agent):
             assert b"".join(c.data for c in _read(stub, core=5)) == _lines(1, 1)
             break
         except grpc.RpcError as err:
-            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert time.monotonic() < deadline
             time.sleep(0.1)
 
 

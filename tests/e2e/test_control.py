@@ -124,7 +124,7 @@ def test_stop_of_stopped_core_is_a_note(capsys, cluster):
         ("not running", "was not running; held stopped now: quil-coord start B --core 3 starts it")]
 
 
-def test_start_brings_held_core_back_then_is_a_note(capsys, cluster):
+def test_start_ends_hold(capsys, cluster):
     code, results = _results(capsys, cluster, "start", "B")
     assert code == 0
     assert [(r["core"], r["result"], r["state"], r["detail"]) for r in results] == [(3, "ok", "running", "started")]
