@@ -193,10 +193,21 @@ def test_logs_prints_last_lines_unchanged(capsysbinary, cluster):
     assert out == b"".join(log_file.read_bytes().splitlines(keepends=True)[-2:])
 
 
+def test_logs_note_when_tail_is_cut(capfdbinary, cluster):
+    # A log file without an assigned core is still served; a line of 2 MiB exceeds the 1 MiB tail.
+    (cluster.root / "hosts" / "A" / "state" / "logs" / "worker-9.log").write_bytes(b"x" * (2 * 1024 * 1024))
+    capfdbinary.readouterr()
+    assert cluster.coord("logs", "A", "--core", "9") == 0
+    captured = capfdbinary.readouterr()
+    assert captured.out == b"x" * (1024 * 1024)
+    assert captured.err == (b"note: A: the agent skipped log data to stay within its bounds (1 MiB per second, "
+                            b"a tail of 1 MiB)\n")
+
+
 def test_logs_of_unknown_core_exits_4(capsys, cluster):
-    code, _, err = _run(capsys, cluster, "logs", "A", "--core", "9")
+    code, _, err = _run(capsys, cluster, "logs", "A", "--core", "8")
     assert code == 4
-    assert err.strip() == ("error: A: not_found: core 9 is not assigned to this host and has no log file here; "
+    assert err.strip() == ("error: A: not_found: core 8 is not assigned to this host and has no log file here; "
                            "check the core with quil-coord status")
 
 
