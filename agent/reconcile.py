@@ -32,6 +32,7 @@ from ..common.files import write_atomic
 from .config import AgentConfig
 from . import hostinfo
 from .firewalling import FirewallManager
+from .logs import log_file
 from .supervisor import ProcessSpec, Supervisor
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,9 @@ class DesiredState:
     # Firewall mode applied last, and the hash of its rules.
     firewall_mode: str = "off"
     firewall_sha256: str = ""
+    # Cores stopped by quil-coord stop (0 is the control process). Neither the
+    # supervisor, an apply nor an agent restart starts them until start or restart.
+    held: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -101,6 +105,11 @@ class Reconciler:
         self.config_path = config.node_config_dir / "config.yml"
         self.desired = self._load_desired()
         self._revoked = frozenset(self.desired.revoked_serials)
+        # Inventory name of this host, used in the commands that messages suggest. The service
+        # sets it from the agent certificate, because the coordinator issues that for the name.
+        self.host_name = "HOST"
+        # Set once the agent shuts down, so a control request still queued for the lock does nothing.
+        self.closed = False
 
     # -- entry points ----------------------------------------------------------
 
@@ -125,12 +134,14 @@ class Reconciler:
         self._converge_workers(plan, result)
         self._converge_control(plan, run_control, hold_control, result)
         result.firewall_changed = self._converge_firewall(firewall_mode, firewall_policy)
-        result.warnings = self._warnings(plan)
         self.desired.config_sha256 = plan.config_sha256
         self.desired.config_generation = config_generation
         self.desired.node_generation = generation
         self.desired.cores = sorted(cores)
         self.desired.run_control = run_control
+        # A hold ends with the assignment of its core, so a core assigned here again later starts normally.
+        self.desired.held = [core for core in self.desired.held if core in self.assigned()]
+        result.warnings = self._warnings(plan) + self._held_warnings()
         self._save_desired()
         result.changed = bool(
             result.config_changed or result.started or result.stopped or result.restarted
@@ -155,16 +166,7 @@ class Reconciler:
         if not desired.cores and not desired.run_control:
             return
         try:
-            text = self.config_path.read_bytes()
-        except OSError as err:
-            log.error("restore skipped: cannot read %s (%s); run quil-coord apply", self.config_path, err)
-            return
-        if hashlib.sha256(text).hexdigest() != desired.config_sha256:
-            log.error("restore skipped: %s changed since the last apply; run quil-coord apply", self.config_path)
-            return
-        try:
-            plan = self._plan(text, desired.config_sha256, desired.node_generation, desired.cores,
-                              desired.run_control)
+            plan = self._plan_on_disk()
         except RequestError as err:
             # For example, agent.yaml got another worker_address since the last apply.
             log.error("restore skipped: %s; run quil-coord apply", err.message)
@@ -175,6 +177,64 @@ class Reconciler:
         self._converge_control(plan, desired.run_control, False, result)
         self._save_desired()
         log.info("restored: %d workers, control process %s", len(result.started), result.control)
+        for warning in self._held_warnings():
+            log.info("restore: %s", warning)
+
+    # -- single processes (quil-coord start, stop, restart) -------------------------
+
+    def assigned(self) -> list[int]:
+        """Return the cores this host should run, 0 first when it runs the control process."""
+        return ([CONTROL] if self.desired.run_control else []) + list(self.desired.cores)
+
+    def hold(self, cores: list[int]) -> None:
+        """Keep cores stopped across supervisor restarts, applies and agent restarts; persisted at once."""
+        self.desired.held = sorted(set(self.desired.held) | set(cores))
+        self._save_desired()
+        log.info("held: cores %s stay stopped until quil-coord start or restart", cores)
+
+    def release(self, cores: list[int]) -> None:
+        """End the hold on cores, so the supervisor and apply start them again."""
+        if set(cores) & set(self.desired.held):
+            self.desired.held = [core for core in self.desired.held if core not in cores]
+            self._save_desired()
+            log.info("released: cores %s are no longer held", cores)
+
+    def start_cores(self, cores: list[int]) -> dict[int, str]:
+        """Spawn assigned cores with the config of the last apply; return the reason for each core not spawned.
+
+        A new supervisor record replaces the old one, which also ends a FATAL state.
+        """
+        try:
+            plan = self._plan_on_disk()
+        except RequestError as err:
+            return {core: f"{err.message}; run quil-coord apply" for core in cores}
+        failed = {}
+        for core in cores:
+            try:
+                self.supervisor.start(plan.specs[core])
+            except RuntimeError as err:
+                failed[core] = str(err)  # still running: its stop did not finish
+        if CONTROL in cores and CONTROL not in failed:
+            # The control process now dials the current worker list, so the next apply keeps it running.
+            self.desired.control_lists_sha256 = plan.lists_sha256
+            self._save_desired()
+        return failed
+
+    def _plan_on_disk(self) -> _Plan:
+        """Plan the persisted desired state from config.yml; raise RequestError when the file changed since."""
+        desired = self.desired
+        failed = grpc.StatusCode.FAILED_PRECONDITION
+        try:
+            text = self.config_path.read_bytes()
+        except OSError as err:
+            raise RequestError(failed, f"cannot read {self.config_path} ({err.strerror or err})") from err
+        if hashlib.sha256(text).hexdigest() != desired.config_sha256:
+            raise RequestError(failed, f"{self.config_path} changed since the last apply")
+        return self._plan(text, desired.config_sha256, desired.node_generation, desired.cores, desired.run_control)
+
+    def _held_warnings(self) -> list[str]:
+        return [f"{_label(core)} is held stopped by quil-coord stop; "
+                f"quil-coord start {self.host_name} --core {core} starts it" for core in self.desired.held]
 
     # -- validation --------------------------------------------------------------
 
@@ -229,10 +289,9 @@ class Reconciler:
 
     def _spec(self, core: int, argv: tuple[str, ...], listen: tuple[str, int] | None, listen_text: str,
               binds: tuple[str, ...]) -> ProcessSpec:
-        name = "control.log" if core == CONTROL else f"worker-{core}.log"
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **self.config.node_env}
         return ProcessSpec(core=core, argv=argv, cwd=self.config.work_dir, env=env,
-                           log_path=self.config.log_dir / name, listen=listen,
+                           log_path=log_file(self.config.log_dir, core), listen=listen,
                            listen_multiaddr=listen_text, binds=binds)
 
     # -- the steps -----------------------------------------------------------------
@@ -254,7 +313,7 @@ class Reconciler:
     def _converge_workers(self, plan: _Plan, result: ApplyResult) -> None:
         current = {c: s for c, s in self.supervisor.specs().items() if c != CONTROL}
         states = self.supervisor.states()
-        wanted = {c: s for c, s in plan.specs.items() if c != CONTROL}
+        wanted = {c: s for c, s in plan.specs.items() if c != CONTROL and c not in self.desired.held}
         gone = sorted(set(current) - set(wanted))
         moved = sorted(c for c in set(current) & set(wanted) if current[c].binds != wanted[c].binds)
         # A FATAL worker gets a fresh start from every apply that still lists it.
@@ -279,6 +338,8 @@ class Reconciler:
             return
         if alive and self.desired.control_lists_sha256 == plan.lists_sha256:
             return
+        if CONTROL in self.desired.held:
+            return  # held by quil-coord stop; _held_warnings names the command that starts it
         if hold:
             result.control = "held"
             return
@@ -378,6 +439,17 @@ def _valid_cores(cores: Any) -> bool:
     return all(_is_int(c) and 1 <= c <= MAX_CORES for c in cores) and len(set(cores)) == len(cores)
 
 
+def _valid_held(cores: Any) -> bool:
+    """Tell whether cores is a list of distinct core indices from 0 (the control process) to MAX_CORES."""
+    if not isinstance(cores, list) or len(cores) > MAX_CORES + 1:
+        return False
+    return all(_is_int(c) and 0 <= c <= MAX_CORES for c in cores) and len(set(cores)) == len(cores)
+
+
+def _label(core: int) -> str:
+    return "the control process (core 0)" if core == CONTROL else f"core {core}"
+
+
 def _valid_serials(serials: Any) -> bool:
     """Tell whether serials is a list of at most 100000 certificate serial numbers in lower-case hex."""
     return isinstance(serials, list) and len(serials) <= 100_000 and all(
@@ -396,6 +468,7 @@ _DESIRED_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "revoked_serials": ("a list of lower-case hex serial numbers", _valid_serials),
     "firewall_mode": ("off, nftables or ufw", lambda value: value in ("off", "nftables", "ufw")),
     "firewall_sha256": ("a string", lambda value: isinstance(value, str)),
+    "held": (f"a list of distinct core indices from 0 to {MAX_CORES}", _valid_held),
 }
 
 

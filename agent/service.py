@@ -20,14 +20,15 @@ from .. import __version__
 from ..common import tls
 from ..common.firewall import HostPolicy, PortRule
 from ..common.errors import ConfigError
-from ..common.states import State
+from ..common.states import HELD_DETAIL, State
 from ..proto import agent_pb2 as pb
 from ..proto import agent_pb2_grpc as pb_grpc
 from .config import AgentConfig
-from . import hostinfo
+from . import hostinfo, logs
+from .control import Controller, CoreResult
 from .identity import AgentIdentity, InstallError
 from .probe import ProbeError, probe_all
-from .reconcile import CONTROL, Reconciler, RequestError, generation_name
+from .reconcile import CONTROL, MAX_CORES, Reconciler, RequestError, generation_name
 from .supervisor import Policy, ProcessInfo, Supervisor, stop_leftovers
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,12 @@ _CONTROL_ENUM = {
     "restarted": pb.CONTROL_ACTION_RESTARTED, "stopped": pb.CONTROL_ACTION_STOPPED,
     "held": pb.CONTROL_ACTION_HELD,
 }
+_VERB_NAMES = {pb.CONTROL_VERB_START: "start", pb.CONTROL_VERB_STOP: "stop", pb.CONTROL_VERB_RESTART: "restart"}
+_CONTROL_ERROR_ENUM = {
+    "none": pb.CONTROL_ERROR_NONE, "already_running": pb.CONTROL_ERROR_ALREADY_RUNNING,
+    "not_running": pb.CONTROL_ERROR_NOT_RUNNING, "not_assigned": pb.CONTROL_ERROR_NOT_ASSIGNED,
+    "spawn_failed": pb.CONTROL_ERROR_SPAWN_FAILED, "timeout": pb.CONTROL_ERROR_TIMEOUT,
+}
 
 
 class AgentService(pb_grpc.AgentServicer):
@@ -84,6 +91,10 @@ class AgentService(pb_grpc.AgentServicer):
         self.identity = identity
         self._watch_slots = {role: threading.BoundedSemaphore(count) for role, count in WATCH_SLOTS.items()}
         self._binary_hash: tuple[tuple[int, int], str] | None = None
+        self._controller = Controller(reconciler)
+        self._log_slots = threading.BoundedSemaphore(logs.MAX_STREAMS)
+        # The coordinator issues the agent certificate for the host's inventory name.
+        reconciler.host_name = identity.identity.name
 
     def GetHostFacts(self, request: pb.GetHostFactsRequest, context: grpc.ServicerContext) -> pb.HostFacts:
         memory = psutil.virtual_memory()
@@ -192,16 +203,73 @@ class AgentService(pb_grpc.AgentServicer):
         except FileNotFoundError:
             return pb.GetConfigResponse(exists=False)
 
+    def Control(self, request: pb.ControlRequest, context: grpc.ServicerContext) -> pb.ControlResponse:
+        verb = _VERB_NAMES.get(request.verb)
+        if verb is None:
+            name = pb.ControlVerb.Name(request.verb) if request.verb in pb.ControlVerb.values() else "unknown"
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"verb {request.verb} ({name}) is not valid; use START, STOP or RESTART")
+        # Leave a second of the call's deadline for the response to travel back.
+        remaining = context.time_remaining()
+        wait = request.wait_seconds if remaining is None else min(request.wait_seconds, max(0.0, remaining - 1.0))
+        try:
+            results = self._controller.run(verb, list(request.cores), wait)
+        except RequestError as err:
+            log.warning("control rejected: %s (from %s)", err.message, context.peer())
+            context.abort(err.code, err.message)
+        return pb.ControlResponse(results=[_control_result(result) for result in results])
+
+    def ReadLog(self, request: pb.ReadLogRequest, context: grpc.ServicerContext) -> Iterator[pb.LogChunk]:
+        path = self._log_path(request.core, context)
+        if not self._log_slots.acquire(blocking=False):
+            log.warning("log stream rejected: core=%d, all %d slots in use (from %s)", request.core,
+                        logs.MAX_STREAMS, context.peer())
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"at most {logs.MAX_STREAMS} log streams at once; close one and retry")
+        try:
+            end = time.monotonic() + logs.MAX_FOLLOW_SECONDS
+
+            def keep_going() -> bool:
+                return context.is_active() and time.monotonic() < end
+
+            for chunk in logs.stream(path, logs.clamp_lines(request.lines), request.follow, keep_going):
+                yield pb.LogChunk(data=chunk.data, truncated=chunk.truncated)
+        finally:
+            self._log_slots.release()
+
+    def _log_path(self, core: int, context: grpc.ServicerContext) -> Path:
+        """Return the log file of core, which must be assigned to this host or have a log file."""
+        if core > MAX_CORES:
+            log.warning("log stream rejected: core=%d is out of range (from %s)", core, context.peer())
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"core {core} is out of range; core indices go "
+                                                            f"from 0 (the control process) to {MAX_CORES}")
+        path = logs.log_file(self.config.log_dir, core)
+        if core not in self.reconciler.assigned() and not path.exists():
+            log.warning("log stream rejected: core=%d is unknown here (from %s)", core, context.peer())
+            context.abort(grpc.StatusCode.NOT_FOUND, f"core {core} is not assigned to this host and has no log "
+                                                     "file here; check the core with quil-coord status")
+        return path
+
     def _status(self) -> pb.StatusResponse:
         desired = self.reconciler.desired
         return pb.StatusResponse(
             hostname=socket.gethostname(), config_generation=desired.config_generation,
             config_sha256=desired.config_sha256,
-            processes=[_process_status(info) for info in self.reconciler.supervisor.snapshot()],
+            processes=self._processes(),
             cert_not_after=self.identity.not_after,
             node_version=hostinfo.node_version(self.config.node_binary),
             config_file_sha256=hostinfo.file_sha256(self.reconciler.config_path),
         )
+
+    def _processes(self) -> list[pb.ProcessStatus]:
+        """Return the supervised processes, and a STOPPED entry for each held core the supervisor does not run."""
+        processes = [_process_status(info) for info in self.reconciler.supervisor.snapshot()]
+        running = {p.core for p in processes}
+        host = self.reconciler.host_name
+        processes += [pb.ProcessStatus(core=core, state=pb.PROCESS_STATE_STOPPED,
+                                       detail=f"{HELD_DETAIL}; quil-coord start {host} --core {core} starts it")
+                      for core in self.reconciler.desired.held if core not in running]
+        return sorted(processes, key=lambda p: p.core)
 
     def _node_binary_sha256(self) -> str:
         path = self.config.node_binary
@@ -233,6 +301,12 @@ def _process_status(info: ProcessInfo) -> pb.ProcessStatus:
     )
 
 
+def _control_result(result: CoreResult) -> pb.ControlResult:
+    state = pb.PROCESS_STATE_STOPPED if result.state is None else _STATE_ENUM[result.state]
+    return pb.ControlResult(core=result.core, error=_CONTROL_ERROR_ENUM[result.error], state=state, pid=result.pid,
+                            detail=result.detail)
+
+
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -252,6 +326,8 @@ class Agent:
 
     def stop(self, stop_processes: bool = True) -> None:
         self.server.stop(grace=2.0).wait(5.0)
+        with self.reconciler.lock:
+            self.reconciler.closed = True
         if stop_processes:
             with self.reconciler.lock:
                 self.supervisor.stop(sorted(c for c in self.supervisor.specs() if c != CONTROL))

@@ -108,6 +108,17 @@ class ProcessInfo:
     listen_sockets: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Progress:
+    state: State
+    # 0 unless the process is alive.
+    pid: int
+    # Spawns after the first one; a rise means the process exited in between.
+    restarts: int
+    last_exit: int | None
+    detail: str
+
+
 @dataclass
 class _Record:
     spec: ProcessSpec
@@ -201,6 +212,18 @@ class Supervisor:
         table = listeners.listening()
         with self._lock:
             return [self._info(rec, table) for _, rec in sorted(self._records.items())]
+
+    def progress(self, core: int) -> Progress | None:
+        """Return where core's process is in its lifecycle, or None when core is not in the table.
+
+        Unlike snapshot() it reads nothing from /proc, so a caller waiting for a
+        state change can poll it often.
+        """
+        with self._lock:
+            record = self._records.get(core)
+            if record is None:
+                return None
+            return Progress(record.state, record.pid, record.restarts, record.last_exit, record.detail)
 
     def close(self) -> None:
         """Stop the loop thread and release its descriptors; supervised processes keep running."""

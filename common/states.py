@@ -34,3 +34,6 @@ class State(enum.Enum):
 
 # A process in one of these states has a live pid.
 ALIVE_STATES = frozenset({State.STARTING, State.RUNNING, State.STOPPING})
+
+# Start of the detail of a core that quil-coord stop holds stopped; quil-coord status looks for it.
+HELD_DETAIL = "held by quil-coord stop"

@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"seconds between refreshes of --watch (default {WATCH_INTERVAL:g}, "
                              f"at least {MIN_WATCH_INTERVAL:g})")
 
+    _add_process_parsers(sub)
+
     _add_token_parsers(sub)
 
     ca = sub.add_parser("ca", help="rotate the cluster CA").add_subparsers(dest="ca_command", required=True)
@@ -189,6 +191,60 @@ def _add_host_parsers(sub: argparse._SubParsersAction) -> None:
     change.add_argument("--firewall", choices=("off", "nftables", "ufw"),
                         help="firewall the agent manages for the host's worker ports")
     _add_count_options(change)
+
+
+def _add_process_parsers(sub: argparse._SubParsersAction) -> None:
+    from .control import DEFAULT_WAIT_SECONDS
+
+    helps = {"start": "start a host's node processes (ends a hold by stop, and a crash loop)",
+             "stop": "stop a host's node processes and hold them stopped until start or restart",
+             "restart": "restart a host's node processes (ends a hold by stop, and a crash loop)"}
+    for verb, text in helps.items():
+        command = sub.add_parser(verb, help=text)
+        command.add_argument("host", help="host name in the inventory")
+        command.add_argument("--core", dest="cores", action="append", type=_core_index, default=[], metavar="N",
+                             help="core index, 0 for the control process; repeat for more (default: all of the "
+                                  "host's processes)")
+        command.add_argument("--wait", type=_wait_seconds, default=DEFAULT_WAIT_SECONDS, metavar="SECONDS",
+                             help="seconds to wait for the processes to reach their new state, 0 to 120 "
+                                  f"(default {DEFAULT_WAIT_SECONDS:.0f})")
+        command.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    logs = sub.add_parser("logs", help="print a node process's log from its host")
+    logs.add_argument("host", help="host name in the inventory")
+    logs.add_argument("--core", type=_core_index, metavar="N",
+                      help="core index, 0 for the control process (default: the host's only process)")
+    logs.add_argument("--lines", type=_line_count, default=100, metavar="N", help="lines from the end, 1 to 10000 (default 100)")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until Ctrl-C")
+
+
+def _core_index(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 4096:
+        raise argparse.ArgumentTypeError(f"invalid core index {text!r}: use 0 (the control process) to 4096")
+    return value
+
+
+def _wait_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 120:
+        raise argparse.ArgumentTypeError(f"invalid wait {text!r}: use 0 to 120 seconds")
+    return value
+
+
+def _line_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 10_000:
+        raise argparse.ArgumentTypeError(f"invalid line count {text!r}: use 1 to 10000")
+    return value
 
 
 def _add_token_parsers(sub: argparse._SubParsersAction) -> None:
@@ -573,6 +629,34 @@ def _print(result: "output.Listing | str", stream=None) -> None:
         print(result, file=stream or sys.stdout)
 
 
+def cmd_process(args: argparse.Namespace) -> int:
+    from .control import control, exit_code
+
+    outcomes = control(_home(args), args.host, args.command, args.cores, args.wait)
+    print(output.control_json(args.host, outcomes) if args.json else output.control_lines(outcomes))
+    return exit_code(outcomes)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from .logs import read_log
+
+    out = sys.stdout.buffer
+    chunks = read_log(_home(args), args.host, args.core, args.lines, args.follow)
+    try:
+        for data, truncated in chunks:
+            if truncated:
+                print(f"note: {args.host}: the agent skipped log data to stay within its bounds (1 MiB per "
+                      "second, a tail of 1 MiB)", file=sys.stderr)
+            out.write(data)
+            out.flush()
+    except KeyboardInterrupt:
+        # Ctrl-C is the normal end of --follow: no message, just the status.
+        return ExitCode.INTERRUPTED
+    finally:
+        chunks.close()
+    return ExitCode.OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -581,5 +665,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[Any], int]] = {
     "init": cmd_init, "host": cmd_host, "assign": cmd_assign, "apply": cmd_apply, "status": cmd_status,
-    "demo": cmd_demo, "doctor": cmd_doctor, "install-service": cmd_install_service, "verify": cmd_verify, "firewall": cmd_firewall, "config": cmd_config, "import": cmd_import, "token": cmd_token, "serve": cmd_serve, "ca": cmd_ca, "cert": cmd_cert,
+    "demo": cmd_demo, "doctor": cmd_doctor, "install-service": cmd_install_service, "verify": cmd_verify,
+    "firewall": cmd_firewall, "config": cmd_config, "import": cmd_import, "token": cmd_token, "serve": cmd_serve,
+    "ca": cmd_ca, "cert": cmd_cert,
+    "start": cmd_process, "stop": cmd_process, "restart": cmd_process, "logs": cmd_logs,
 }

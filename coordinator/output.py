@@ -264,3 +264,14 @@ def firewall_json(policies: list) -> str:
               "rules": [{"ports": list(r.ports), "sources": list(r.sources), "purpose": r.purpose} for r in p.rules],
               "nftables": render_nft(p), "ufw": render_ufw(p)} for p in policies]
     return json.dumps({"hosts": hosts}, indent=2)
+
+
+def control_lines(outcomes: list) -> str:
+    """Format one line per core of quil-coord start, stop or restart."""
+    rows = [(o.host, "control" if o.core == 0 else o.core, o.result, o.pid or "", o.detail) for o in outcomes]
+    return table(("HOST", "CORE", "RESULT", "PID", "DETAIL"), rows)
+
+
+def control_json(host: str, outcomes: list) -> str:
+    rows = [{k: v for k, v in asdict(o).items() if k not in ("host", "exit_code")} for o in outcomes]
+    return json.dumps({"host": host, "results": rows}, indent=2)

@@ -10,7 +10,7 @@ import yaml
 
 from ..common.errors import QuilClusterError
 from ..common.exitcodes import ExitCode
-from ..common.states import State
+from ..common.states import HELD_DETAIL, State
 from ..proto import agent_pb2 as pb
 from .client import CALL_TIMEOUT, Credentials, call_error, for_each_host
 from .home import Home
@@ -113,10 +113,17 @@ def _process(p: pb.ProcessStatus, now: float) -> dict:
         "cpu_percent": round(p.cpu_percent, 1),
         "rss_bytes": p.rss_bytes,
         "detail": p.detail,
+        # Stopped by quil-coord stop and kept stopped until quil-coord start or restart.
+        "held": p.state == pb.PROCESS_STATE_STOPPED and p.detail.startswith(HELD_DETAIL),
     }
 
 
 def unhealthy(host: HostStatus) -> bool:
-    """Return whether a reachable host lacks a running process for one of its assigned cores."""
+    """Return whether a reachable host lacks a running process for one of its assigned cores.
+
+    A core held by quil-coord stop was stopped on purpose, so it does not count.
+    """
     states = {p["core"]: p["state"] for p in host.processes}
-    return host.reachable and any(states.get(core) not in ("running", "starting") for core in host.expected_cores)
+    held = {p["core"] for p in host.processes if p.get("held")}
+    return host.reachable and any(states.get(core) not in ("running", "starting")
+                                  for core in host.expected_cores if core not in held)

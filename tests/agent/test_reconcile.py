@@ -71,6 +71,15 @@ def test_load_desired_fills_missing_keys(load_desired):
     assert load_desired(json.dumps({"config_generation": 4})) == DesiredState(config_generation=4)
 
 
+def test_load_desired_without_held_holds_nothing(load_desired):
+    # desired.json of an agent from before quil-coord stop existed.
+    assert load_desired(json.dumps(VALID)).held == []
+
+
+def test_load_desired_reads_held_cores(load_desired):
+    assert load_desired(json.dumps(dict(VALID, held=[0, 2]))).held == [0, 2]
+
+
 @pytest.mark.parametrize(
     ("key", "value", "reason"),
     [
@@ -88,6 +97,10 @@ def test_load_desired_fills_missing_keys(load_desired):
         ("control_lists_sha256", 5, "'control_lists_sha256' must be a string, not 5"),
         ("revoked_serials", "0a", "'revoked_serials' must be a list of lower-case hex serial numbers, not '0a'"),
         ("revoked_serials", ["0A"], "'revoked_serials' must be a list of lower-case hex serial numbers, not ['0A']"),
+        ("held", [1, 1], "'held' must be a list of distinct core indices from 0 to 4096, not [1, 1]"),
+        ("held", [-1], "'held' must be a list of distinct core indices from 0 to 4096, not [-1]"),
+        ("held", [4097], "'held' must be a list of distinct core indices from 0 to 4096, not [4097]"),
+        ("held", "2", "'held' must be a list of distinct core indices from 0 to 4096, not '2'"),
     ],
 )
 def test_load_desired_rejects_wrong_type(load_desired, agent_files, caplog, key, value, reason):

@@ -381,3 +381,20 @@ def test_host_renew_unknown_host_is_rejected(home, capsys):
     code, err = _run(home, capsys, "host", "renew", "nosuch")
     assert code == 3
     assert err == "error: unknown host 'nosuch'; see quil-coord host list"
+
+
+@pytest.mark.parametrize("argv", [("stop", "h1", "--core", "1"), ("logs", "h1", "--core", "1")])
+def test_process_commands_with_unreachable_agent_exit_5(home, tmp_path, capsys, argv):
+    from helpers import free_port_range
+
+    port = free_port_range(["127.0.0.9"], 1)
+    assert _add(home, tmp_path, "h1", "127.0.0.9", port, "--workers", "1", "--cpus", "1") == 0
+    code, err = _run(home, capsys, *argv)
+    assert code == 5
+    assert err.startswith("error: h1: unavailable: ")
+
+
+def test_process_command_with_unknown_host_exits_3(home, capsys):
+    code, err = _run(home, capsys, "restart", "nowhere")
+    assert code == 3
+    assert err == "error: unknown host 'nowhere'; known hosts: none (add one with quil-coord host add)"

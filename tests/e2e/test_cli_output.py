@@ -128,7 +128,7 @@ def test_piped_watch_json_prints_one_object_per_line(cluster):
 
 PROCESS = {"core": int, "pid": int, "state": str, "restarts": int, "uptime_seconds": float,
            "listen_address": str, "listening": bool, "last_exit_status": (int, type(None)), "cpu_percent": float,
-           "rss_bytes": int, "detail": str}
+           "rss_bytes": int, "detail": str, "held": bool}
 STATUS_HOST = {"name": str, "address": str, "agent": str, "reachable": bool, "expected_cores": list,
                "processes": [PROCESS], "config_generation": int, "cert_expires_in_days": (float, type(None)),
                "node_version": str, "drifted": bool, "drifted_keys": list, "error": str}
