@@ -74,6 +74,9 @@ def apply_lines(report: ApplyReport) -> str:
               for o in ("unchanged", "changed", "failed", "unreachable", "skipped")}
     lines.append(", ".join(f"{n} {o}" for o, n in counts.items()) +
                  f"; config generation {report.config_generation}; {report.seconds:.2f} s")
+    not_converged = [h.name for h in report.hosts if h.outcome in ("failed", "unreachable", "skipped")]
+    if not_converged:
+        lines.append(f"not converged: {', '.join(not_converged)}")
     return "\n".join(lines)
 
 
