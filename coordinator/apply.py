@@ -220,7 +220,7 @@ def _roll_out(hosts: list[Host], failed: dict[str, HostResult], work: Callable[[
 
     Without max_failures the hosts run in parallel. With it they run one at a
     time, and once more than max_failures hosts failed (a preflight failure
-    counts where the host stands in the inventory), the rest are skipped.
+    counts at the host's position in the inventory), the rest are skipped.
     """
     if max_failures is None:
         return failed | for_each_host([h for h in hosts if h.name not in failed], work)

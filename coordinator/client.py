@@ -35,7 +35,7 @@ APPLY_TIMEOUT = 120.0
 # Hosts contacted at the same time.
 MAX_PARALLEL = 64
 
-# Status codes after which a call is sent again: the agent was not reached or did not answer in time.
+# Status codes after which a call is sent again: the agent was not reached, or the call timed out.
 RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 # Attempts per call, the first one included.
 RETRY_ATTEMPTS = 3

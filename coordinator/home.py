@@ -38,6 +38,8 @@ from .assign import PORT_SCHEMES, Ports, Slot, slots_from_rows, slots_to_rows
 from .inventory import Host, from_dicts
 
 HOME_ENV = "QUIL_COORD_HOME"
+# First line of cluster.yaml and hosts.yaml as quil-coord writes them; the last is "# end of NAME".
+STATE_HEADER = "# Written by quil-coord. Keep the '# end of' line when editing: it marks a complete file.\n"
 DEFAULT_BASE_PORT = {"1.4": 40000, "2.0": 40000, "2.1": 25000}
 DEFAULT_STREAM_BASE_PORT = 32500
 
@@ -140,13 +142,14 @@ class Home:
     def load_settings(self) -> Settings:
         self.require()
         path = self.file("cluster.yaml")
+        data = _read_state_yaml(path)
         try:
-            return _settings_from(read_mapping(path), path)
+            return _settings_from(data, path)
         except QuilClusterError as err:
             raise state_file_error(path, str(err)) from err
 
     def save_settings(self, settings: Settings) -> None:
-        write_atomic(self.file("cluster.yaml"), dump(asdict(settings)), mode=0o600, backup=True)
+        write_atomic(self.file("cluster.yaml"), _dump_state(asdict(settings), "cluster.yaml"), mode=0o600, backup=True)
 
     # -- inventory -----------------------------------------------------------
 
@@ -154,18 +157,16 @@ class Home:
         path = self.file("hosts.yaml")
         if not path.exists():
             return []
+        data = _read_state_yaml(path)
         try:
-            data = read_mapping(path)
-            # save_hosts always writes the 'hosts' key, so an empty file lost its content.
-            if not data:
-                raise StateError(f"{path}: the file is empty")
             reject_unknown_keys(data, ["hosts"], str(path))
             return from_dicts(data.get("hosts", []), str(path))
         except QuilClusterError as err:
             raise state_file_error(path, str(err)) from err
 
     def save_hosts(self, hosts: list[Host]) -> None:
-        write_atomic(self.file("hosts.yaml"), dump({"hosts": [h.to_dict() for h in hosts]}), mode=0o600, backup=True)
+        write_atomic(self.file("hosts.yaml"), _dump_state({"hosts": [h.to_dict() for h in hosts]}, "hosts.yaml"),
+                     mode=0o600, backup=True)
 
     # -- certificate authority -----------------------------------------------------
 
@@ -254,7 +255,7 @@ class Home:
 def state_file_error(path: Path, message: str, fix: str = "") -> StateError:
     """Build the one-line error for an unusable state file.
 
-    message starts with the path and says what is wrong; the rest names the
+    message starts with the path and states what is wrong. The rest names the
     previous version (PATH.bak) when it exists, else gives fix.
     """
     backup = backup_path(path)
@@ -283,10 +284,39 @@ def _kind(value: Any) -> str:
     return {dict: "an object", list: "a list", str: "a string"}.get(type(value), type(value).__name__)
 
 
-def _settings_from(data: dict[str, Any], path: Path) -> Settings:
-    # cluster init always writes every key, so an empty file lost its content.
+def _dump_state(data: dict[str, Any], name: str) -> bytes:
+    """Serialise a YAML state file between STATE_HEADER and its end line, so a cut-short copy is detected."""
+    return STATE_HEADER.encode() + dump(data) + f"# end of {name}\n".encode()
+
+
+def _read_state_yaml(path: Path) -> dict[str, Any]:
+    """Parse cluster.yaml or hosts.yaml; raise StateError when it is unreadable, empty or cut short.
+
+    A file that starts with STATE_HEADER was written by quil-coord and must
+    still contain its end line; lines added after it by hand are fine. A YAML
+    file cut at a line break often parses, so without this check a lost host
+    or key would go unnoticed. Files written by hand, without the header,
+    are not checked.
+    """
+    fix = "fix the file by hand"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = ""  # read_mapping below raises the error with its reason
+    end = f"# end of {path.name}"
+    if text.startswith(STATE_HEADER) and end not in text.splitlines():
+        raise state_file_error(path, f"{path}: the file is cut short (the line '{end}' is missing)", fix)
+    try:
+        data = read_mapping(path)
+    except ConfigError as err:
+        raise state_file_error(path, str(err), fix) from err
+    # Every writer stores at least one key, so an empty file lost its content.
     if not data:
-        raise StateError(f"{path}: the file is empty")
+        raise state_file_error(path, f"{path}: the file is empty", fix)
+    return data
+
+
+def _settings_from(data: dict[str, Any], path: Path) -> Settings:
     reject_unknown_keys(data, [f.name for f in fields(Settings)], str(path))
     missing = [key for key in ("name", "node_generation", "control_config") if key not in data]
     if missing:
