@@ -88,12 +88,14 @@ def retry_delay(retry: int, rng: random.Random) -> float:
 
 
 def call_with_retries(call: Callable[[], T], what: str, *, attempts: int = RETRY_ATTEMPTS,
-                      rng: random.Random | None = None, sleep: Callable[[float], None] = time.sleep) -> T:
+                      rng: random.Random | None = None, sleep: Callable[[float], None] | None = None) -> T:
     """Return call(), sending it again after a status in RETRY_CODES, at most attempts times in all.
 
     Any other error, and the last retryable one, is raised to the caller.
     """
     rng = rng or random.Random()
+    # Looked up per call, so a test can replace time.sleep.
+    sleep = sleep or time.sleep
     for attempt in range(1, attempts):
         try:
             return call()
