@@ -121,7 +121,9 @@ class Reconciler:
               cores: list[int], run_control: bool, hold_control: bool,
               revoked_serials: list[str] | None = None,
               firewall: tuple[str, HostPolicy | None] = ("off", None),
-              keys: tuple[bytes, str] = (b"", "")) -> ApplyResult:
+              keys: tuple[bytes, str] = (b"", ""), base_config_sha256: str | None = None) -> ApplyResult:
+        """Converge to the request; with base_config_sha256 set, first require config.yml to have that hash."""
+        self._check_base_config(base_config_sha256)
         plan = self._plan(config_yaml, config_sha256, generation, cores, run_control)
         firewall_mode, firewall_policy = self._check_firewall(*firewall)
         self._check_keys(*keys)
@@ -237,6 +239,24 @@ class Reconciler:
                 f"quil-coord start {self.host_name} --core {core} starts it" for core in self.desired.held]
 
     # -- validation --------------------------------------------------------------
+
+    def _check_base_config(self, expected: str | None) -> None:
+        """Raise FAILED_PRECONDITION when config.yml changed since the coordinator planned against it.
+
+        The check runs before anything else, so a stale plan changes no file,
+        process or firewall rule. A missing config.yml has the hash "".
+        """
+        if expected is None:
+            return
+        found = hostinfo.file_sha256(self.config_path)
+        if found == expected:
+            return
+        raise RequestError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"{self.config_path} changed underneath since the plan: sha256 on disk {_short(found)}, planned "
+            f"against {_short(expected)}; nothing was changed; review the edit with quil-coord config show "
+            "--diff, then run quil-coord apply again",
+        )
 
     def _plan(self, config_yaml: bytes, config_sha256: str, generation: str, cores: list[int],
               run_control: bool) -> _Plan:
@@ -425,6 +445,10 @@ class Reconciler:
 
     def _save_desired(self) -> None:
         write_atomic(self.desired_path, json.dumps(asdict(self.desired), indent=1).encode(), mode=0o600)
+
+
+def _short(sha256: str) -> str:
+    return sha256[:12] if sha256 else "(no file)"
 
 
 def _is_int(value: Any) -> bool:

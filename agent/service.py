@@ -133,6 +133,7 @@ class AgentService(pb_grpc.AgentServicer):
                 generation_name(request.node_generation), list(request.cores), request.run_control,
                 request.hold_control, list(request.revoked_serials), _firewall_of(request),
                 (bytes(request.keys_yaml), request.keys_sha256),
+                request.base_config_file_sha256 if request.check_base_config else None,
             )
         except RequestError as err:
             log.warning("apply rejected: %s (from %s)", err.message, context.peer())

@@ -24,7 +24,7 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o644, backup: bool = F
             handle.flush()
             os.fsync(handle.fileno())
         if backup and path.exists():
-            previous = path.with_name(path.name + ".bak")
+            previous = backup_path(path)
             previous.unlink(missing_ok=True)
             os.link(path, previous)
         os.replace(tmp, path)
@@ -32,6 +32,12 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o644, backup: bool = F
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def backup_path(path: Path) -> Path:
+    """Return where write_atomic(path, ..., backup=True) keeps the previous version."""
+    path = Path(path)
+    return path.with_name(path.name + ".bak")
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--wait", action="store_true", help="wait for a running apply to finish instead of failing")
     apply.add_argument("--no-verify", action="store_true", help="do not run verify after the apply")
     apply.add_argument("--yes", action="store_true", help="apply even when 2.1 cores move to another host")
+    apply.add_argument("--max-failures", type=int, metavar="N",
+                       help="apply hosts one at a time and stop once more than N failed; the rest are skipped "
+                            "(default: no limit, every host in parallel)")
 
     verify = sub.add_parser("verify", help="measure which hosts reach which worker ports, against the policy")
     verify.add_argument("--json", action="store_true", help="print JSON instead of the grid")
@@ -470,7 +473,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     home = _home(args)
     with ui.host_progress("apply") as progress:
         report = apply(home, wait=args.wait, confirm_moves=lambda moves: args.yes or _ask_moves(moves),
-                       progress=progress)
+                       progress=progress, max_failures=args.max_failures)
     _print(output.apply_json(report) if args.json else output.apply_listing(report))
     if report.exit_code != ExitCode.OK or args.no_verify:
         return report.exit_code

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
+import random
 import socket
 import ssl
+import time
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -24,11 +27,21 @@ from .inventory import Host
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 # Seconds allowed for one quick call (facts, status) and for one Apply.
 CALL_TIMEOUT = 10.0
 APPLY_TIMEOUT = 120.0
 # Hosts contacted at the same time.
 MAX_PARALLEL = 64
+
+# Status codes after which a call is sent again: the agent was not reached, or the call timed out.
+RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# Attempts per call, the first one included.
+RETRY_ATTEMPTS = 3
+# Seconds before the first retry; each further retry doubles it, up to RETRY_MAX_DELAY.
+RETRY_BASE_DELAY = 0.5
+RETRY_MAX_DELAY = 4.0
 
 GENERATION_ENUM = {"1.4": pb.NODE_GENERATION_1_4, "2.0": pb.NODE_GENERATION_2_0, "2.1": pb.NODE_GENERATION_2_1}
 
@@ -61,6 +74,40 @@ def call_error(err: grpc.RpcError) -> CallError:
         # A rejected TLS handshake looks like this to the client; the agent's log has the reason.
         details += "; if the agent is running, check that its certificates come from this cluster's CA"
     return CallError(outcome, exit_code, f"{code.name.lower()}: {details}")
+
+
+def retry_delay(retry: int, rng: random.Random) -> float:
+    """Return the seconds to wait before retry number retry (1 for the first).
+
+    The nominal delay doubles from RETRY_BASE_DELAY up to RETRY_MAX_DELAY; the
+    result is drawn uniformly from its upper half, so hosts that failed
+    together do not retry in lockstep.
+    """
+    nominal = min(RETRY_MAX_DELAY, RETRY_BASE_DELAY * 2 ** (retry - 1))
+    return rng.uniform(nominal / 2, nominal)
+
+
+def call_with_retries(call: Callable[[], T], what: str, *, attempts: int = RETRY_ATTEMPTS,
+                      rng: random.Random | None = None, sleep: Callable[[float], None] | None = None) -> T:
+    """Return call(), sending it again after a status in RETRY_CODES, at most attempts times in all.
+
+    Any other error, and the last retryable one, is raised to the caller.
+    """
+    rng = rng or random.Random()
+    # Looked up per call, so a test can replace time.sleep.
+    sleep = sleep or time.sleep
+    for attempt in range(1, attempts):
+        try:
+            return call()
+        except grpc.RpcError as err:
+            code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+            if code not in RETRY_CODES:
+                raise
+            delay = retry_delay(attempt, rng)
+            log.warning("retry: %s failed (%s); attempt %d of %d in %.2f s", what, code.name.lower(),
+                        attempt + 1, attempts, delay)
+            sleep(delay)
+    return call()
 
 
 class Credentials:

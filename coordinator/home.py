@@ -14,7 +14,10 @@
   lock              held (flock) while a command changes any of the above
   apply.lock        held (flock) for the whole of an apply
 
-Every file is replaced atomically and the previous version kept as .bak.
+Every file is replaced atomically and the previous version kept as .bak. A
+state file that cannot be read, parse or pass its checks stops the command
+with one line naming the file, what is wrong and the .bak, and nothing is
+rewritten or reset.
 """
 
 from __future__ import annotations
@@ -28,13 +31,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..common import nodeconfig
-from ..common.errors import ConfigError, StateError
-from ..common.files import write_atomic
+from ..common.errors import ConfigError, QuilClusterError, StateError
+from ..common.files import backup_path, write_atomic
 from ..common.yamlio import dump, read_mapping, reject_unknown_keys
 from .assign import PORT_SCHEMES, Ports, Slot, slots_from_rows, slots_to_rows
 from .inventory import Host, from_dicts
 
 HOME_ENV = "QUIL_COORD_HOME"
+# First line of cluster.yaml and hosts.yaml as quil-coord writes them; the last is "# end of NAME".
+STATE_HEADER = "# Written by quil-coord. Keep the '# end of' line when editing: it marks a complete file.\n"
 DEFAULT_BASE_PORT = {"1.4": 40000, "2.0": 40000, "2.1": 25000}
 DEFAULT_STREAM_BASE_PORT = 32500
 
@@ -137,20 +142,14 @@ class Home:
     def load_settings(self) -> Settings:
         self.require()
         path = self.file("cluster.yaml")
-        data = read_mapping(path)
-        reject_unknown_keys(data, [f.name for f in fields(Settings)], str(path))
-        # An unquoted 1.4 or 2.0 in YAML is a float; the generation is its text.
-        if isinstance(data.get("node_generation"), float):
-            data["node_generation"] = f"{data['node_generation']:.1f}"
+        data = _read_state_yaml(path)
         try:
-            settings = Settings(**data)
-        except TypeError as err:
-            raise ConfigError(f"{path}: {err}") from err
-        settings.validate(str(path))
-        return settings
+            return _settings_from(data, path)
+        except QuilClusterError as err:
+            raise state_file_error(path, str(err)) from err
 
     def save_settings(self, settings: Settings) -> None:
-        write_atomic(self.file("cluster.yaml"), dump(asdict(settings)), mode=0o600, backup=True)
+        write_atomic(self.file("cluster.yaml"), _dump_state(asdict(settings), "cluster.yaml"), mode=0o600, backup=True)
 
     # -- inventory -----------------------------------------------------------
 
@@ -158,12 +157,16 @@ class Home:
         path = self.file("hosts.yaml")
         if not path.exists():
             return []
-        data = read_mapping(path)
-        reject_unknown_keys(data, ["hosts"], str(path))
-        return from_dicts(data.get("hosts", []), str(path))
+        data = _read_state_yaml(path)
+        try:
+            reject_unknown_keys(data, ["hosts"], str(path))
+            return from_dicts(data.get("hosts", []), str(path))
+        except QuilClusterError as err:
+            raise state_file_error(path, str(err)) from err
 
     def save_hosts(self, hosts: list[Host]) -> None:
-        write_atomic(self.file("hosts.yaml"), dump({"hosts": [h.to_dict() for h in hosts]}), mode=0o600, backup=True)
+        write_atomic(self.file("hosts.yaml"), _dump_state({"hosts": [h.to_dict() for h in hosts]}, "hosts.yaml"),
+                     mode=0o600, backup=True)
 
     # -- certificate authority -----------------------------------------------------
 
@@ -186,14 +189,12 @@ class Home:
 
     def load_revoked(self) -> list[str]:
         path = self.file("revoked.json")
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
+        fix = "fix the file by hand (deleting it would trust every revoked certificate again)"
+        data = read_json_state(path, fix)
+        if data is None:
             return []
-        except (OSError, ValueError) as err:
-            raise StateError(f"{path}: unreadable revocation list ({err}); restore {path}.bak") from err
         if not isinstance(data, list) or not all(isinstance(v, str) for v in data):
-            raise StateError(f"{path}: expected a list of serial numbers; restore {path}.bak")
+            raise state_file_error(path, f"{path}: expected a list of serial numbers, found {_kind(data)}", fix)
         return data
 
     def revoke(self, serial: str) -> None:
@@ -206,28 +207,41 @@ class Home:
 
     def load_assignment(self) -> Assignment | None:
         path = self.file("assignment.json")
+        fix = "run quil-coord assign to record a new one"
+        data = read_json_state(path, fix)
+        if data is None:
+            return None
         try:
-            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise TypeError(f"expected a JSON object, found {_kind(data)}")
             assignment = Assignment(data["config_generation"], slots_from_rows(data["workers"]), data["hosts"])
             _check_assignment(assignment)
             return assignment
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise StateError(f"{path}: unreadable assignment ({err}); restore {path}.bak or run assign") from err
+        except KeyError as err:
+            raise state_file_error(path, f"{path}: missing key {err}", fix) from err
+        except (ValueError, TypeError, AttributeError) as err:
+            raise state_file_error(path, f"{path}: invalid assignment ({err})", fix) from err
 
     def load_applied(self) -> list[Slot]:
         """Slots of the last apply that reached every host (empty before the first)."""
         path = self.file("applied.json")
-        try:
-            return slots_from_rows(json.loads(path.read_text()))
-        except FileNotFoundError:
+        fix = "delete it, and the next complete apply records it again"
+        data = read_json_state(path, fix)
+        if data is None:
             return []
-        except (OSError, ValueError, TypeError, KeyError) as err:
-            raise StateError(f"{path}: unreadable ({err}); delete it, and the next apply records it again") from err
+        try:
+            if not isinstance(data, list):
+                raise TypeError(f"expected a JSON list, found {_kind(data)}")
+            slots = slots_from_rows(data)
+            _check_slots(slots)
+            return slots
+        except KeyError as err:
+            raise state_file_error(path, f"{path}: a worker entry is missing key {err}", fix) from err
+        except (ValueError, TypeError, AttributeError) as err:
+            raise state_file_error(path, f"{path}: invalid worker list ({err})", fix) from err
 
     def save_applied(self, slots: list[Slot]) -> None:
-        write_atomic(self.file("applied.json"), json.dumps(slots_to_rows(slots)).encode(), mode=0o600)
+        write_atomic(self.file("applied.json"), json.dumps(slots_to_rows(slots)).encode(), mode=0o600, backup=True)
 
     def save_assignment(self, assignment: Assignment) -> None:
         data = {
@@ -238,15 +252,96 @@ class Home:
         write_atomic(self.file("assignment.json"), json.dumps(data, indent=1).encode(), mode=0o600, backup=True)
 
 
+def state_file_error(path: Path, message: str, fix: str = "") -> StateError:
+    """Build the one-line error for an unusable state file.
+
+    message starts with the path and states what is wrong. The rest names the
+    previous version (PATH.bak) when it exists, else gives fix.
+    """
+    backup = backup_path(path)
+    tail = f"the previous version is at {backup}" if backup.exists() else fix
+    return StateError(f"{message}; {tail}" if tail else message)
+
+
+def read_json_state(path: Path, fix: str) -> Any:
+    """Parse a JSON state file; return None when it does not exist, raise StateError when it is unusable."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise state_file_error(path, f"{path}: cannot read the file ({err.strerror})", fix) from err
+    if not data.strip():
+        raise state_file_error(path, f"{path}: the file is empty", fix)
+    try:
+        return json.loads(data)
+    except ValueError as err:
+        # UnicodeDecodeError is a ValueError too, so binary garbage lands here.
+        raise state_file_error(path, f"{path}: invalid JSON ({err})", fix) from err
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string"}.get(type(value), type(value).__name__)
+
+
+def _dump_state(data: dict[str, Any], name: str) -> bytes:
+    """Serialise a YAML state file between STATE_HEADER and its end line, so a cut-short copy is detected."""
+    return STATE_HEADER.encode() + dump(data) + f"# end of {name}\n".encode()
+
+
+def _read_state_yaml(path: Path) -> dict[str, Any]:
+    """Parse cluster.yaml or hosts.yaml; raise StateError when it is unreadable, empty or cut short.
+
+    A file that starts with STATE_HEADER was written by quil-coord and must
+    still contain its end line; lines added after it by hand are fine. A YAML
+    file cut at a line break often parses, so without this check a lost host
+    or key would go unnoticed. Files written by hand, without the header,
+    are not checked.
+    """
+    fix = "fix the file by hand"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = ""  # read_mapping below raises the error with its reason
+    end = f"# end of {path.name}"
+    if text.startswith(STATE_HEADER) and end not in text.splitlines():
+        raise state_file_error(path, f"{path}: the file is cut short (the line '{end}' is missing)", fix)
+    try:
+        data = read_mapping(path)
+    except ConfigError as err:
+        raise state_file_error(path, str(err), fix) from err
+    # Every writer stores at least one key, so an empty file lost its content.
+    if not data:
+        raise state_file_error(path, f"{path}: the file is empty", fix)
+    return data
+
+
+def _settings_from(data: dict[str, Any], path: Path) -> Settings:
+    reject_unknown_keys(data, [f.name for f in fields(Settings)], str(path))
+    missing = [key for key in ("name", "node_generation", "control_config") if key not in data]
+    if missing:
+        raise ConfigError(f"{path}: missing key {', '.join(repr(key) for key in missing)}")
+    # An unquoted 1.4 or 2.0 in YAML is a float; the generation is its text.
+    if isinstance(data.get("node_generation"), float):
+        data["node_generation"] = f"{data['node_generation']:.1f}"
+    settings = Settings(**data)
+    settings.validate(str(path))
+    return settings
+
+
 def _check_assignment(assignment: Assignment) -> None:
     """Raise TypeError or ValueError when a hand-edited assignment.json has the wrong shape."""
     if isinstance(assignment.config_generation, bool) or not isinstance(assignment.config_generation, int):
         raise TypeError("config_generation must be a whole number")
-    for slot in assignment.slots:
-        if not (isinstance(slot.core, int) and isinstance(slot.offset, int) and isinstance(slot.host, str)
-                and isinstance(slot.address, str)):
-            raise TypeError(f"worker entry {slot} has fields of the wrong type")
+    _check_slots(assignment.slots)
     if sorted(s.core for s in assignment.slots) != list(range(1, len(assignment.slots) + 1)):
         raise ValueError("cores are not 1..N without gaps")
     if not isinstance(assignment.hosts, list) or not all(isinstance(h, dict) for h in assignment.hosts):
         raise TypeError("hosts must be a list of mappings")
+
+
+def _check_slots(slots: list[Slot]) -> None:
+    for slot in slots:
+        if not (isinstance(slot.core, int) and isinstance(slot.offset, int) and isinstance(slot.host, str)
+                and isinstance(slot.address, str)):
+            raise TypeError(f"worker entry {slot} has fields of the wrong type")

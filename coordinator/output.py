@@ -122,8 +122,12 @@ def _apply_head(report: ApplyReport) -> list[str]:
 def _apply_summary(report: ApplyReport) -> str:
     counts = {o: sum(1 for h in report.hosts if h.outcome == o)
               for o in ("unchanged", "changed", "failed", "unreachable", "skipped")}
-    return (", ".join(f"{n} {o}" for o, n in counts.items()) +
-            f"; config generation {report.config_generation}; {report.seconds:.2f} s")
+    summary = (", ".join(f"{n} {o}" for o, n in counts.items()) +
+               f"; config generation {report.config_generation}; {report.seconds:.2f} s")
+    not_converged = [h.name for h in report.hosts if h.outcome in ("failed", "unreachable", "skipped")]
+    if not_converged:
+        summary += f"\nnot converged: {', '.join(not_converged)}"
+    return summary
 
 
 def apply_json(report: ApplyReport) -> str:

@@ -19,13 +19,15 @@ import hmac
 import json
 import logging
 import re
+import reprlib
 import secrets
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING
 
-from ..common.errors import QuilClusterError, StateError
+from ..common.errors import QuilClusterError
 from ..common.files import write_atomic
+from .home import read_json_state, state_file_error
 from .inventory import check_counts, check_name
 
 if TYPE_CHECKING:
@@ -339,20 +341,18 @@ def _prune_records(records: list[TokenRecord], now: float) -> list[TokenRecord]:
 
 def _load(home: Home) -> list[TokenRecord]:
     path = home.file(STORE_NAME)
-    try:
-        data = json.loads(path.read_bytes())
-    except FileNotFoundError:
+    fix = "fix the file, or delete it to drop every join token"
+    data = read_json_state(path, fix)
+    if data is None:
         return []
-    except (OSError, ValueError) as err:
-        raise StateError(f"{path}: unreadable token store ({err}); restore {path}.bak") from err
-
     if not isinstance(data, dict) or data.get("version") != STORE_VERSION or not isinstance(data.get("tokens"), list):
-        raise StateError(f"{path}: not a version {STORE_VERSION} token store; restore {path}.bak")
+        raise state_file_error(path, f"{path}: not a version {STORE_VERSION} token store", fix)
     names = {f.name for f in fields(TokenRecord)}
     records = []
     for row in data["tokens"]:
         if not isinstance(row, dict) or set(row) != names:
-            raise StateError(f"{path}: token record {row!r} does not have the fields {sorted(names)}")
+            raise state_file_error(path, f"{path}: token record {reprlib.repr(row)} does not have the fields "
+                                   f"{sorted(names)}", fix)
         records.append(TokenRecord(**row))
     return records
 

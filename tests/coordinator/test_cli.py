@@ -265,8 +265,9 @@ def test_corrupt_assignment_json_is_rejected(home, capsys, tmp_path):
     path.write_text(path.read_text().replace('"core": 1', '"core": "one"'))
     code, err = _run(home, capsys, "apply")
     assert code == 3
-    assert err.startswith(f"error: {path}: unreadable assignment (")
-    assert err.endswith(f"restore {path}.bak or run assign")
+    assert err == (f"error: {path}: invalid assignment (worker entry Slot(core='one', host='A', "
+                   "address='192.0.2.10', offset=0) has fields of the wrong type); "
+                   "run quil-coord assign to record a new one")
 
 
 @pytest.mark.parametrize("agent, message", [
