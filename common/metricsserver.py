@@ -36,7 +36,7 @@ OFF_VALUES = ("", "off")
 METRICS_PATH = "/metrics"
 
 
-def parse_address(value: Any, what: str) -> tuple[str, int] | None:
+def parse_address(value: Any, what: str, example: str = "127.0.0.1:9741") -> tuple[str, int] | None:
     """Split a metrics address 'HOST:PORT' or '[IPv6]:PORT'; return None for 'off' or ''.
 
     Port 0 binds a free port, which the server logs. YAML reads an unquoted
@@ -45,12 +45,12 @@ def parse_address(value: Any, what: str) -> tuple[str, int] | None:
     if value is None or value is False or (isinstance(value, str) and value.strip().lower() in OFF_VALUES):
         return None
     if not isinstance(value, str) or ":" not in value:
-        raise ConfigError(f"{what}: '{value}' is not HOST:PORT; use e.g. 127.0.0.1:9741, or 'off'")
+        raise ConfigError(f"{what}: '{value}' is not HOST:PORT; use e.g. {example}, or 'off'")
     host, _, port_text = value.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not host or not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"{what}: '{value}' is not HOST:PORT with a port from 0 to 65535; "
-                          "use e.g. 127.0.0.1:9741, or 'off'")
+                          f"use e.g. {example}, or 'off'")
     return host, int(port_text)
 
 

@@ -32,6 +32,7 @@ from .client import (APPLY_TIMEOUT, CALL_TIMEOUT, CallError, Credentials, apply_
 from .policy import host_policy
 from .cluster import check_assignment_current
 from .home import Home
+from .metrics import record_apply
 from .inventory import Host
 from .render import read_keys, render_for_host, render_with_warnings
 
@@ -137,6 +138,7 @@ def _record_applied(home: Home) -> None:
             home.save_applied(assignment.slots)
 
 
+@record_apply
 def _apply(home: Home) -> ApplyReport:
     from .renew import renew_due
 

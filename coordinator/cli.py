@@ -30,6 +30,9 @@ EPILOG = """exit status: 0 ok, 1 unexpected error, 2 usage, 3 invalid input or s
 4 a host failed, 5 a host unreachable, 6 TLS or authorization, 7 verify found a violation,
 130 interrupted"""
 
+# Example for serve --metrics-address, which is off by default; the agent's metrics use 9741.
+METRICS_EXAMPLE = "127.0.0.1:9742"
+
 # Expected failures and their exit status; anything else is a bug.
 ERROR_EXIT = (
     (TLSError, ExitCode.TLS),
@@ -48,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", help="state directory (default: $QUIL_COORD_HOME)")
     parser.add_argument("--debug", action="store_true", help="log details and show tracebacks")
+    parser.add_argument("--log-format", choices=logsetup.FORMATS, default="text",
+                        help="log line format on stderr (default text)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     init = sub.add_parser("init", help="create the cluster CA, the coordinator certificate and the settings")
@@ -111,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", default="0.0.0.0:7351", help="HOST:PORT to listen on (default 0.0.0.0:7351)")
     serve.add_argument("--advertise", help="HOST:PORT joining hosts dial (default: --listen; required when "
                        "--listen is a wildcard)")
+    serve.add_argument("--metrics-address", default="off",
+                       help=f"HOST:PORT to serve the cluster metrics on over plain HTTP, e.g. {METRICS_EXAMPLE} "
+                       "(default off)")
+
+    metrics = sub.add_parser("metrics", help="print the cluster metrics once in the Prometheus text format")
+    metrics.add_argument("--output", type=Path, help="write them to this file atomically instead, for "
+                         "node_exporter's textfile collector (name it *.prom)")
 
     demo = sub.add_parser("demo", help="run a local demo cluster on 127.0.0.2-127.0.0.4 with the stand-in node")
     demo.add_argument("--dir", type=Path, help="directory for the demo's files (default: a temporary one)")
@@ -184,7 +196,7 @@ def _add_count_options(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logsetup.configure(logging.DEBUG if args.debug else logging.WARNING)
+    logsetup.configure(logging.DEBUG if args.debug else logging.WARNING, args.log_format)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
@@ -331,19 +343,54 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from ..common import metricsserver
     from .enroll import build_server
 
     home = _home(args)
-    logsetup.configure(logging.DEBUG if args.debug else logging.INFO)
+    logsetup.configure(logging.DEBUG if args.debug else logging.INFO, args.log_format)
     advertise = args.advertise or args.listen
     if advertise.split(":")[0] in ("0.0.0.0", "[::]", ""):
         raise InventoryError("--listen is a wildcard address; pass --advertise HOST:PORT that joining hosts dial")
+    metrics_address = metricsserver.parse_address(args.metrics_address, "--metrics-address", METRICS_EXAMPLE)
     server = build_server(home, args.listen, advertise)
+    try:
+        metrics = _start_metrics(home, metrics_address)
+    except ConfigError:
+        server.stop()
+        raise
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     stop.wait()
+    if metrics is not None:
+        metrics.stop()
     server.stop()
+    return ExitCode.OK
+
+
+def _start_metrics(home: Home, address: tuple[str, int] | None):
+    from ..common import metricsserver
+    from .metrics import make_registry
+
+    if address is None:
+        return None
+    return metricsserver.start(address, make_registry(home), "--metrics-address")
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from ..common.files import write_atomic
+    from .metrics import exposition
+
+    text = exposition(_home(args))
+    if args.output is None:
+        sys.stdout.write(text.decode())
+        return ExitCode.OK
+    try:
+        # 0644: node_exporter runs as its own user and must read the file.
+        write_atomic(args.output, text, mode=0o644)
+    except OSError as err:
+        raise ConfigError(f"--output {args.output}: cannot write ({err.strerror or err}); "
+                          "choose a writable directory") from err
     return ExitCode.OK
 
 
@@ -458,4 +505,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[Any], int]] = {
     "init": cmd_init, "host": cmd_host, "assign": cmd_assign, "apply": cmd_apply, "status": cmd_status,
     "demo": cmd_demo, "verify": cmd_verify, "firewall": cmd_firewall, "config": cmd_config, "import": cmd_import, "token": cmd_token, "serve": cmd_serve, "ca": cmd_ca, "cert": cmd_cert,
+    "metrics": cmd_metrics,
 }
