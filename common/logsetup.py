@@ -86,11 +86,11 @@ def stderr_is_journal(stream: TextIO, environ: dict[str, str] | os._Environ[str]
         return False
 
 
-def configure(level: int = logging.INFO, fmt: str = "text") -> None:
-    """Send the root logger's records to stderr in fmt ('text' or 'json') at level."""
+def configure(level: int = logging.INFO, fmt: str = "text", stream: TextIO | None = None) -> None:
+    """Send the root logger's records to stream (default stderr) in fmt ('text' or 'json') at level."""
     if fmt not in FORMATS:
         raise ValueError(f"log format '{fmt}' is not one of {', '.join(FORMATS)}")
-    stream = sys.stderr
+    stream = stream or sys.stderr
     priorities = stderr_is_journal(stream)
     handler = logging.StreamHandler(stream)
     if fmt == "json":

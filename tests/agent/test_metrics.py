@@ -153,8 +153,10 @@ def test_metrics_other_path_is_not_found(metrics_agent):
     url = metrics_agent.agent.metrics.url.replace("/metrics", "/")
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(url, timeout=TIMEOUT)
+    body = err.value.read()
+    err.value.close()
     assert err.value.code == 404
-    assert err.value.read() == b"not found; metrics are at /metrics\n"
+    assert body == b"not found; metrics are at /metrics\n"
 
 
 def test_metrics_listen_on_configured_address(metrics_agent):
