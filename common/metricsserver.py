@@ -100,6 +100,8 @@ class _BoundedServer(WSGIServer):
     def _serve_one(self, request: Any, client_address: Any) -> None:
         try:
             self.finish_request(request, client_address)
+        except TimeoutError:
+            log.debug("metrics request from %s timed out after %.1f s", client_address[0], _QuietHandler.timeout)
         except Exception:  # noqa: BLE001 - one bad request must not end the server
             self.handle_error(request, client_address)
         finally:

@@ -133,6 +133,26 @@ def test_metrics_control_process_has_role_control(metrics_agent):
     assert ("quil_agent_worker_up", (("core", "0"), ("role", "worker"))) not in samples
 
 
+def test_metrics_scrape_time_with_eight_workers(metrics_agent):
+    stub, url = metrics_agent.client(), metrics_agent.agent.metrics.url
+    stub.Apply(_request(_config(8), list(range(1, 9))), timeout=TIMEOUT)
+    _wait_running(url, list(range(1, 9)))
+    supervisor = metrics_agent.agent.supervisor
+    started = time.perf_counter()
+    for _ in range(10):
+        supervisor.snapshot()
+    snapshot = (time.perf_counter() - started) / 10
+    started = time.perf_counter()
+    for _ in range(10):
+        scrape(url)
+    whole = (time.perf_counter() - started) / 10
+    # The snapshot is the only part of a scrape that holds the supervisor's lock.
+    print(f"8 workers: snapshot {snapshot * 1000:.1f} ms, whole scrape {whole * 1000:.1f} ms")
+    # Generous bounds: the test machine may be shared and heavily loaded.
+    assert snapshot < 10.0
+    assert whole < 20.0
+
+
 def test_metrics_without_workers(metrics_agent):
     samples = scrape(metrics_agent.agent.metrics.url)
     assert _sample(samples, "quil_agent_config_generation") == 0

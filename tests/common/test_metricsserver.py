@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 import urllib.error
@@ -110,6 +111,18 @@ def test_connections_beyond_limit_are_closed(server, caplog):
         except (urllib.error.URLError, ConnectionError):
             assert time.monotonic() < deadline
             time.sleep(0.05)
+
+
+def test_silent_client_is_closed_after_timeout(server, monkeypatch, caplog):
+    monkeypatch.setattr(metricsserver._QuietHandler, "timeout", 0.2)
+    caplog.set_level(logging.DEBUG, logger="quil_cluster.common.metricsserver")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as silent:
+        assert silent.recv(1024) == b""
+    deadline = time.monotonic() + TIMEOUT
+    while "metrics request from 127.0.0.1 timed out after 0.2 s" not in caplog.messages:
+        assert time.monotonic() < deadline, caplog.messages
+        time.sleep(0.01)
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_bind_conflict_raises_config_error(server):
