@@ -12,7 +12,8 @@ _total for counters, _info for metrics whose labels carry the value.
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 import psutil
 from prometheus_client import CollectorRegistry
@@ -24,14 +25,18 @@ from ..common import metricsserver
 from ..common.errors import ConfigError
 from ..common.states import ALIVE_STATES, State
 from . import hostinfo
-from .supervisor import ProcessInfo
+from .supervisor import ProcessInfo, Supervisor
+
+if TYPE_CHECKING:
+    from .identity import AgentIdentity
+    from .reconcile import Reconciler
 
 log = logging.getLogger(__name__)
 
 # Default of agent.yaml's metrics_address: loopback, so only this host can scrape.
 DEFAULT_ADDRESS = "127.0.0.1:9741"
-# Seconds between a process's recorded start and its kernel create time that still
-# count as the same process; a larger gap means the pid was reused.
+# Maximum seconds between a process's recorded start and its kernel create time.
+# A larger gap means the pid now belongs to another process.
 _SAME_PROCESS_SECONDS = 2.0
 _PROCESS_LABELS = ["core", "role"]
 
@@ -39,7 +44,8 @@ _PROCESS_LABELS = ["core", "role"]
 class AgentCollector(Collector):
     """Builds every quil_agent_* metric from the agent's live objects on each scrape."""
 
-    def __init__(self, supervisor, reconciler, identity, node_binary) -> None:
+    def __init__(self, supervisor: Supervisor, reconciler: Reconciler, identity: AgentIdentity,
+                 node_binary: Path) -> None:
         self._supervisor = supervisor
         self._reconciler = reconciler
         self._identity = identity

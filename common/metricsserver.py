@@ -1,7 +1,7 @@
 """A small plain-HTTP server for Prometheus metrics, shared by the agent and the coordinator.
 
 It serves GET /metrics from a prometheus_client registry and nothing else.
-The exposition holds no secrets (states, counters, versions, hashes), but it
+The exposition contains no secrets (states, counters, versions, hashes), but it
 has no authentication either, so it binds loopback by default. At most
 MAX_CONNECTIONS requests run at once; a connection beyond that is closed
 before it is read, so a flood of idle connections costs no threads.

@@ -114,7 +114,7 @@ def _read_record(home: Home, name: str) -> dict[str, Any] | None:
 class StatusPass:
     # Unix time the pass ended.
     timestamp: float
-    # Host name -> cores whose process is running there; None when the agent did not answer.
+    # Host name -> cores whose process is running there; None when the GetStatus call failed.
     running: dict[str, set[int] | None] = field(default_factory=dict)
 
 
@@ -146,14 +146,14 @@ class CachedStatus:
         self._clock = clock
         self._lock = threading.Lock()
         self._value: StatusPass | None = None
-        self._taken = 0.0
+        self._taken_at = 0.0
 
     def get(self, hosts: list[Host]) -> StatusPass:
         # Scrapes that arrive during a pass wait for it rather than start their own.
         with self._lock:
-            if self._value is None or self._clock() - self._taken >= self._interval:
+            if self._value is None or self._clock() - self._taken_at >= self._interval:
                 self._value = status_pass(self._home, hosts)
-                self._taken = self._clock()
+                self._taken_at = self._clock()
             return self._value
 
 

@@ -93,7 +93,8 @@ def test_dashboard_panel_ids_unique_and_on_grid():
     assert len(ids) == len(set(ids))
     for panel in panels:
         grid = panel["gridPos"]
-        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, panel["title"]
+        assert grid["x"] >= 0, panel["title"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
 
 
 def test_dashboard_targets_use_datasource_variable():

@@ -89,7 +89,7 @@ def test_connections_beyond_limit_are_closed(server, caplog):
     idle = [socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
             for _ in range(metricsserver.MAX_CONNECTIONS)]
     try:
-        # Each idle connection holds a slot until REQUEST_TIMEOUT; wait until the server accepted all of them.
+        # Each idle connection takes a slot until REQUEST_TIMEOUT, so wait until the server accepted all of them.
         deadline = time.monotonic() + TIMEOUT
         while server._server._slots._value > 0:
             assert time.monotonic() < deadline
