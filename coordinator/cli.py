@@ -14,7 +14,7 @@ import logging  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from typing import TYPE_CHECKING, Any, Callable  # noqa: E402
 
 from ..common import logsetup, pki  # noqa: E402
 from ..common.errors import (ConfigError, HostError, InventoryError, QuilClusterError, StateError,  # noqa: E402
@@ -23,6 +23,9 @@ from ..common.exitcodes import ExitCode  # noqa: E402
 from . import cluster, output  # noqa: E402
 from .home import Home  # noqa: E402
 from .inventory import Host  # noqa: E402
+
+if TYPE_CHECKING:
+    from ..common import metricsserver
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +371,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def _start_metrics(home: Home, address: tuple[str, int] | None):
+def _start_metrics(home: Home, address: tuple[str, int] | None) -> metricsserver.MetricsServer | None:
     from ..common import metricsserver
     from .metrics import make_registry
 

@@ -159,7 +159,7 @@ def test_metrics_without_workers(metrics_agent):
     assert not [key for key in samples if key[0] in ("quil_agent_worker_up", "quil_agent_config_info")]
 
 
-def test_metrics_stopped_worker_has_no_cpu_series(metrics_agent):
+def test_metrics_after_stop_all_list_no_process(metrics_agent):
     stub, url = metrics_agent.client(), metrics_agent.agent.metrics.url
     config = _config(1)
     stub.Apply(_request(config, [1]), timeout=TIMEOUT)

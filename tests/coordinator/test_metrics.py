@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from quil_cluster.common.errors import InventoryError
 from quil_cluster.common.exitcodes import ExitCode
 from quil_cluster.coordinator import metrics
 from quil_cluster.coordinator.cli import main
+from quil_cluster.coordinator.demo import free_port
 from quil_cluster.coordinator.home import Home
 from quil_cluster.coordinator.metrics import CachedStatus, StatusPass, record_apply, record_verify
 
@@ -188,3 +190,21 @@ def test_serve_rejects_bad_metrics_address(home, capsys):
     assert main(["--home", str(home), "serve", "--listen", "127.0.0.1:0", "--metrics-address", "9742"]) == 3
     assert capsys.readouterr().err == ("error: --metrics-address: '9742' is not HOST:PORT; use e.g. "
                                        "127.0.0.1:9742, or 'off'\n")
+
+
+def test_serve_with_taken_metrics_port_exits_3(home, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        enrollment = free_port("127.0.0.1")
+        capsys.readouterr()
+        code = main(["--home", str(home), "serve", "--listen", f"127.0.0.1:{enrollment}",
+                     "--metrics-address", f"127.0.0.1:{port}"])
+    assert code == 3
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: --metrics-address: cannot listen on 127.0.0.1:{port} for metrics (Address already in use); "
+        "choose a free address, or 'off'")
+    # The enrollment endpoint was stopped again, so its port is free.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", enrollment))
