@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -70,12 +71,13 @@ def _wait_until(url: str, check, what: str) -> dict:
 
 
 def _wait_port(address: str, process: subprocess.Popen) -> None:
+    """Wait until address accepts connections; a GET would start serve's cached status pass too early."""
     host, port = address.rsplit(":", 1)
     deadline = time.monotonic() + DEADLINE
     while True:
         assert process.poll() is None, "quil-coord serve exited"
         try:
-            with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5):
+            with socket.create_connection((host, int(port)), timeout=5):
                 return
         except OSError:
             assert time.monotonic() < deadline
@@ -192,6 +194,7 @@ def test_join_through_serve_then_cluster_metrics(metered, capsys):
     _wait_running(cluster, capsys, 3)
 
     samples = scrape(metered.cluster_url)
+    assert _value(samples, "quil_cluster_status_timestamp_seconds") > started
     assert _value(samples, "quil_cluster_hosts") == 2
     assert _value(samples, "quil_cluster_workers_desired") == 3
     assert _value(samples, "quil_cluster_workers_running") == 3
