@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..common import metricsserver
 from ..common.errors import ConfigError
 from ..common.yamlio import read_mapping, reject_unknown_keys
 
@@ -54,6 +55,9 @@ class AgentConfig:
     log_backups: int = 3
     # Extra environment for node processes (not secrets: it is visible in /proc).
     node_env: dict[str, str] = field(default_factory=dict)
+    # HOST:PORT of the plain-HTTP Prometheus endpoint; "off" disables it. It has no
+    # authentication, so keep it on loopback or firewall it.
+    metrics_address: str = "127.0.0.1:9741"
 
     @property
     def log_dir(self) -> Path:
@@ -82,6 +86,8 @@ def load(path: Path) -> AgentConfig:
     values["tls"] = _load_tls(data["tls"], base, source)
     values["node_args"] = tuple(_string_list(data.get("node_args", []), "node_args", source))
     values["node_env"] = _string_map(data.get("node_env", {}), "node_env", source)
+    if values.get("metrics_address") is False:
+        values["metrics_address"] = "off"  # YAML reads an unquoted off as false
     config = AgentConfig(**values)
     _validate(config, source)
     return config
@@ -137,6 +143,7 @@ def _validate(config: AgentConfig, source: str) -> None:
             raise ConfigError(f"{source}: '{number_key}' must be a number of seconds between 0 and 3600")
     if not isinstance(config.log_max_bytes, int) or config.log_max_bytes < 4096:
         raise ConfigError(f"{source}: 'log_max_bytes' must be an integer of at least 4096")
+    metricsserver.parse_address(config.metrics_address, f"{source}: metrics_address")
     if isinstance(config.log_backups, bool) or not isinstance(config.log_backups, int) or config.log_backups < 1:
         raise ConfigError(f"{source}: 'log_backups' must be an integer of at least 1")
 
@@ -173,4 +180,5 @@ stop_grace_seconds: 10         # SIGTERM, then SIGKILL after this many seconds
 start_seconds: 1               # up this long (or listening) counts as started
 log_max_bytes: 10485760        # rotate a process log at this size
 log_backups: 3                 # rotated copies kept
+metrics_address: 127.0.0.1:9741   # Prometheus metrics over plain HTTP; "off" disables
 """

@@ -23,8 +23,10 @@ from ..common.errors import ConfigError
 from ..common.states import HELD_DETAIL, State
 from ..proto import agent_pb2 as pb
 from ..proto import agent_pb2_grpc as pb_grpc
+from ..common.metricsserver import MetricsServer
 from .config import AgentConfig
 from . import hostinfo, logs
+from . import metrics as agent_metrics
 from .control import Controller, CoreResult
 from .identity import AgentIdentity, InstallError
 from .probe import ProbeError, probe_all
@@ -319,13 +321,18 @@ def _file_sha256(path: Path) -> str:
 class Agent:
     """A running agent: supervisor, reconciler and gRPC server."""
 
-    def __init__(self, server: grpc.Server, supervisor: Supervisor, reconciler: Reconciler, port: int) -> None:
+    def __init__(self, server: grpc.Server, supervisor: Supervisor, reconciler: Reconciler, port: int,
+                 metrics: MetricsServer | None = None) -> None:
         self.server = server
         self.supervisor = supervisor
         self.reconciler = reconciler
         self.port = port
+        # The Prometheus endpoint, or None when metrics_address is off or could not be bound.
+        self.metrics = metrics
 
     def stop(self, stop_processes: bool = True) -> None:
+        if self.metrics is not None:
+            self.metrics.stop()
         self.server.stop(grace=2.0).wait(5.0)
         with self.reconciler.lock:
             self.reconciler.closed = True
@@ -359,6 +366,7 @@ def build_server(config: AgentConfig) -> Agent:
     3. stop processes an earlier run of this agent left behind
     4. start the supervisor loop and restore the persisted desired state
     5. serve the Agent API over mutual TLS with per-method authorization
+    6. serve the Prometheus metrics on plain HTTP at metrics_address, unless off
     """
     # 1. TLS files and directories
     identity = AgentIdentity(config)
@@ -405,4 +413,8 @@ def build_server(config: AgentConfig) -> Agent:
     pb_grpc.add_AgentServicer_to_server(AgentService(config, reconciler, identity), server)
     server.start()
     log.info("listening: agent API on %s (mutual TLS, cluster %s)", config.listen, config.cluster)
-    return Agent(server, supervisor, reconciler, port)
+
+    # 6. metrics
+    metrics = agent_metrics.start_server(
+        config.metrics_address, agent_metrics.AgentCollector(supervisor, reconciler, identity, config.node_binary))
+    return Agent(server, supervisor, reconciler, port, metrics)

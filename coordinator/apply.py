@@ -40,6 +40,7 @@ from .client import (APPLY_TIMEOUT, CALL_TIMEOUT, CallError, Credentials, apply_
 from .policy import host_policy
 from .cluster import check_assignment_current
 from .home import Home
+from .metrics import record_apply
 from .inventory import Host
 from .render import read_keys, render_for_host, render_with_warnings
 
@@ -166,6 +167,7 @@ def _no_progress(host: str, step: str) -> None:
     pass
 
 
+@record_apply
 def _apply(home: Home, progress: Callable[[str, str], None], max_failures: int | None) -> ApplyReport:
     from .renew import renew_due
 

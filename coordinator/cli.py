@@ -15,7 +15,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from typing import TYPE_CHECKING, Any, Callable  # noqa: E402
 
 from ..common import logsetup, pki  # noqa: E402
 from ..common.install import add_arguments as install_arguments  # noqa: E402
@@ -25,6 +25,9 @@ from ..common.exitcodes import ExitCode  # noqa: E402
 from . import cluster, output, ui  # noqa: E402
 from .home import Home  # noqa: E402
 from .inventory import Host  # noqa: E402
+
+if TYPE_CHECKING:
+    from ..common import metricsserver
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,9 @@ TERM=dumb; NO_COLOR drops colour. Commands that report state take --json."""
 # Seconds between two refreshes of status --watch, by default and at least.
 WATCH_INTERVAL = 2.0
 MIN_WATCH_INTERVAL = 0.5
+
+# Example for serve --metrics-address, which is off by default; the agent's metrics use 9741.
+METRICS_EXAMPLE = "127.0.0.1:9742"
 
 # Expected failures and their exit status; anything else is a bug.
 ERROR_EXIT = (
@@ -65,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", help="state directory (default: $QUIL_COORD_HOME)")
     parser.add_argument("--debug", action="store_true", help="log details and show tracebacks")
+    parser.add_argument("--log-format", choices=logsetup.FORMATS, default="text",
+                        help="log line format on stderr (default text)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     init = sub.add_parser("init", help="create the cluster CA, the coordinator certificate and the settings")
@@ -143,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", default="0.0.0.0:7351", help="HOST:PORT to listen on (default 0.0.0.0:7351)")
     serve.add_argument("--advertise", help="HOST:PORT joining hosts dial (default: --listen; required when "
                        "--listen is a wildcard)")
+    serve.add_argument("--metrics-address", default="off",
+                       help=f"HOST:PORT to serve the cluster metrics on over plain HTTP, e.g. {METRICS_EXAMPLE} "
+                       "(default off)")
+
+    metrics = sub.add_parser("metrics", help="print the cluster metrics once in the Prometheus text format")
+    metrics.add_argument("--output", type=Path, help="write them to this file atomically instead, for "
+                         "node_exporter's textfile collector (name it *.prom)")
 
     install = sub.add_parser("install-service", help="create the quil-coord user, the venv in /opt/quil-cluster, "
                              "the state directory and the serve unit (safe to run again)")
@@ -285,7 +300,7 @@ def _add_count_options(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logsetup.configure(logging.DEBUG if args.debug else logging.WARNING)
+    logsetup.configure(logging.DEBUG if args.debug else logging.WARNING, args.log_format)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
@@ -433,19 +448,54 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from ..common import metricsserver
     from .enroll import build_server
 
     home = _home(args)
-    logsetup.configure(logging.DEBUG if args.debug else logging.INFO)
+    logsetup.configure(logging.DEBUG if args.debug else logging.INFO, args.log_format)
     advertise = args.advertise or args.listen
     if advertise.split(":")[0] in ("0.0.0.0", "[::]", ""):
         raise InventoryError("--listen is a wildcard address; pass --advertise HOST:PORT that joining hosts dial")
+    metrics_address = metricsserver.parse_address(args.metrics_address, "--metrics-address", METRICS_EXAMPLE)
     server = build_server(home, args.listen, advertise)
+    try:
+        metrics = _start_metrics(home, metrics_address)
+    except ConfigError:
+        server.stop()
+        raise
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     stop.wait()
+    if metrics is not None:
+        metrics.stop()
     server.stop()
+    return ExitCode.OK
+
+
+def _start_metrics(home: Home, address: tuple[str, int] | None) -> metricsserver.MetricsServer | None:
+    from ..common import metricsserver
+    from .metrics import make_registry
+
+    if address is None:
+        return None
+    return metricsserver.start(address, make_registry(home), "--metrics-address")
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from ..common.files import write_atomic
+    from .metrics import exposition
+
+    text = exposition(_home(args))
+    if args.output is None:
+        sys.stdout.write(text.decode())
+        return ExitCode.OK
+    try:
+        # 0644: node_exporter runs as its own user and must read the file.
+        write_atomic(args.output, text, mode=0o644)
+    except OSError as err:
+        raise ConfigError(f"--output {args.output}: cannot write ({err.strerror or err}); "
+                          "choose a writable directory") from err
     return ExitCode.OK
 
 
@@ -670,6 +720,6 @@ COMMANDS: dict[str, Callable[[Any], int]] = {
     "init": cmd_init, "host": cmd_host, "assign": cmd_assign, "apply": cmd_apply, "status": cmd_status,
     "demo": cmd_demo, "doctor": cmd_doctor, "install-service": cmd_install_service, "verify": cmd_verify,
     "firewall": cmd_firewall, "config": cmd_config, "import": cmd_import, "token": cmd_token, "serve": cmd_serve,
-    "ca": cmd_ca, "cert": cmd_cert,
+    "ca": cmd_ca, "cert": cmd_cert, "metrics": cmd_metrics,
     "start": cmd_process, "stop": cmd_process, "restart": cmd_process, "logs": cmd_logs,
 }

@@ -25,6 +25,7 @@ from ..proto import agent_pb2 as pb
 from . import policy
 from .client import CALL_TIMEOUT, Credentials, agent_tls_context, call_error, for_each_host, open_agent_tls
 from .home import Home
+from .metrics import record_verify
 from .inventory import Host
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class VerifyReport:
         return ExitCode.UNREACHABLE if self.errors else ExitCode.OK
 
 
+@record_verify
 def verify(home: Home, progress: Callable[[str, str], None] | None = None) -> VerifyReport:
     """Run the steps of the module docstring; progress(host, step) is called from worker threads."""
     step = progress or (lambda host, text: None)

@@ -113,6 +113,16 @@ def test_load_minimal_file_uses_defaults(tmp_path):
     assert config.start_seconds == 1.0
     assert config.log_max_bytes == 10 * 1024 * 1024
     assert config.log_backups == 3
+    assert config.metrics_address == "127.0.0.1:9741"
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("off", "off"), ("OFF", "off"), ("'off'", "off"), ("''", ""), ("'[::1]:9741'", "[::1]:9741"),
+    ("0.0.0.0:9741", "0.0.0.0:9741"), ("127.0.0.1:0", "127.0.0.1:0"),
+])
+def test_load_metrics_address_accepted(tmp_path, value, expected):
+    config = load(_write(tmp_path, MINIMAL + f"metrics_address: {value}\n"))
+    assert config.metrics_address == expected
 
 
 def test_load_ipv6_addresses(tmp_path):
@@ -135,7 +145,7 @@ INVALID = [
     ("unknown key without close match", MINIMAL + "mtu: 1500\n",
      ": unknown key 'mtu'; known keys: cluster, listen, worker_address, node_binary, node_config_dir,"
      " work_dir, state_dir, tls, node_args, stop_grace_seconds, start_seconds, log_max_bytes, log_backups,"
-     " node_env"),
+     " node_env, metrics_address"),
     ("duplicate key", MINIMAL + "listen: 127.0.0.1:7351\n",
      ":11: duplicate key 'listen' (first at line 2); remove one of them"),
     ("missing key", MINIMAL.replace("state_dir: state\n", ""), ": missing key 'state_dir'"),
@@ -189,6 +199,15 @@ INVALID = [
     ("broken yaml indentation", MINIMAL.replace("  key: agent.key", " key: agent.key"),
      ":9: invalid YAML: expected <block end>, but found '<block mapping start>'; fix the syntax at that line"),
     ("top level a list", "- cluster\n- listen\n", ": expected a mapping of keys at the top level, found list"),
+    ("metrics address without port", MINIMAL + "metrics_address: 127.0.0.1\n",
+     ": metrics_address: '127.0.0.1' is not HOST:PORT; use e.g. 127.0.0.1:9741, or 'off'"),
+    ("metrics address port 65536", MINIMAL + "metrics_address: 127.0.0.1:65536\n",
+     ": metrics_address: '127.0.0.1:65536' is not HOST:PORT with a port from 0 to 65535; use e.g. 127.0.0.1:9741,"
+     " or 'off'"),
+    ("metrics address true", MINIMAL + "metrics_address: true\n",
+     ": metrics_address: 'True' is not HOST:PORT; use e.g. 127.0.0.1:9741, or 'off'"),
+    ("metrics address a number", MINIMAL + "metrics_address: 9741\n",
+     ": metrics_address: '9741' is not HOST:PORT; use e.g. 127.0.0.1:9741, or 'off'"),
 ]
 
 
@@ -258,7 +277,8 @@ def test_sample_default_cluster(tmp_path):
     assert load(_write_sample(tmp_path, sample())).cluster == "quil"
 
 
-@pytest.mark.parametrize("key", ["node_args", "stop_grace_seconds", "start_seconds", "log_max_bytes", "log_backups"])
+@pytest.mark.parametrize("key", ["node_args", "stop_grace_seconds", "start_seconds", "log_max_bytes", "log_backups",
+                                 "metrics_address"])
 def test_sample_matches_defaults(tmp_path, key):
     config = load(_write_sample(tmp_path, sample()))
     default = next(f.default for f in fields(AgentConfig) if f.name == key)
