@@ -18,6 +18,8 @@ from ..common.errors import ConfigError
 from ..common.yamlio import read_mapping, reject_unknown_keys
 
 DEFAULT_CONFIG_PATH = Path("/etc/quil-agent/agent.yaml")
+# Port of the Prometheus endpoint when agent.yaml has no metrics_address.
+METRICS_PORT = 9741
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class AgentConfig:
     node_env: dict[str, str] = field(default_factory=dict)
     # HOST:PORT of the plain-HTTP Prometheus endpoint; "off" disables it. It has no
     # authentication, so keep it on loopback or firewall it.
-    metrics_address: str = "127.0.0.1:9741"
+    metrics_address: str = f"127.0.0.1:{METRICS_PORT}"
 
     @property
     def log_dir(self) -> Path:
@@ -88,9 +90,22 @@ def load(path: Path) -> AgentConfig:
     values["node_env"] = _string_map(data.get("node_env", {}), "node_env", source)
     if values.get("metrics_address") is False:
         values["metrics_address"] = "off"  # YAML reads an unquoted off as false
+    values.setdefault("metrics_address", default_metrics_address(values.get("worker_address")))
     config = AgentConfig(**values)
     _validate(config, source)
     return config
+
+
+def default_metrics_address(worker_address: Any) -> str:
+    """Return where metrics are served when agent.yaml does not say.
+
+    127.0.0.1 as a rule; a host whose workers bind another loopback address
+    (several agents on one machine, as in quil-coord demo) serves them on that
+    address, so the agents do not compete for one port.
+    """
+    if isinstance(worker_address, str) and worker_address.startswith("127.") and worker_address != "127.0.0.1":
+        return f"{worker_address}:{METRICS_PORT}"
+    return f"127.0.0.1:{METRICS_PORT}"
 
 
 def _resolve(base: Path, value: Any, key: str, source: str) -> Path:

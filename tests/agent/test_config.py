@@ -116,6 +116,22 @@ def test_load_minimal_file_uses_defaults(tmp_path):
     assert config.metrics_address == "127.0.0.1:9741"
 
 
+@pytest.mark.parametrize(("worker_address", "expected"), [
+    ("10.0.0.1", "127.0.0.1:9741"),
+    ("127.0.0.1", "127.0.0.1:9741"),
+    # Several agents on one machine each serve metrics on their own loopback address.
+    ("127.0.0.3", "127.0.0.3:9741"),
+])
+def test_default_metrics_address_follows_a_loopback_worker_address(tmp_path, worker_address, expected):
+    text = MINIMAL.replace("worker_address: 10.0.0.1", f"worker_address: {worker_address}")
+    assert load(_write(tmp_path, text)).metrics_address == expected
+
+
+def test_explicit_metrics_address_wins_over_the_loopback_default(tmp_path):
+    text = MINIMAL.replace("worker_address: 10.0.0.1", "worker_address: 127.0.0.3") + "metrics_address: off\n"
+    assert load(_write(tmp_path, text)).metrics_address == "off"
+
+
 @pytest.mark.parametrize(("value", "expected"), [
     ("off", "off"), ("OFF", "off"), ("'off'", "off"), ("''", ""), ("'[::1]:9741'", "[::1]:9741"),
     ("0.0.0.0:9741", "0.0.0.0:9741"), ("127.0.0.1:0", "127.0.0.1:0"),
