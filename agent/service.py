@@ -95,8 +95,6 @@ class AgentService(pb_grpc.AgentServicer):
         self._binary_hash: tuple[tuple[int, int], str] | None = None
         self._controller = Controller(reconciler)
         self._log_slots = threading.BoundedSemaphore(logs.MAX_STREAMS)
-        # The coordinator issues the agent certificate for the host's inventory name.
-        reconciler.host_name = identity.identity.name
 
     def GetHostFacts(self, request: pb.GetHostFactsRequest, context: grpc.ServicerContext) -> pb.HostFacts:
         memory = psutil.virtual_memory()
@@ -405,6 +403,8 @@ def build_server(config: AgentConfig) -> Agent:
     supervisor = Supervisor(table, policy, instance_id=f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
     supervisor.begin()
     reconciler = Reconciler(config, supervisor)
+    # The coordinator issues the agent certificate for the host's inventory name.
+    reconciler.host_name = identity.identity.name
     reconciler_ref.append(reconciler)
     with reconciler.lock:
         reconciler.restore()
