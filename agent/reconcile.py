@@ -30,7 +30,7 @@ from ..common.errors import ConfigError
 from ..common.states import ALIVE_STATES, State
 from ..common.files import write_atomic
 from .config import AgentConfig
-from . import hostinfo
+from . import hostinfo, runas
 from .firewalling import FirewallManager
 from .supervisor import ProcessSpec, Supervisor
 
@@ -101,6 +101,8 @@ class Reconciler:
         self.config_path = config.node_config_dir / "config.yml"
         self.desired = self._load_desired()
         self._revoked = frozenset(self.desired.revoked_serials)
+        # None: node processes run as the agent's user. load() already validated node_user.
+        self.run_as = runas.resolve(config.node_user, "agent.yaml")
 
     # -- entry points ----------------------------------------------------------
 
@@ -218,8 +220,11 @@ class Reconciler:
                     f"core {core} would bind {bind}, but this host's worker_address is {own};"
                     " fix the host's address in the coordinator inventory",
                 )
+        # A worker of another user cannot signal the agent and would take it for dead, so it
+        # gets no --parent-process; the parent-death signal ties it to the agent (runas.py).
+        parent = ("--parent-process", str(os.getpid())) if self.run_as is None else ()
         argv = (str(self.config.node_binary), "--config", str(self.config.node_config_dir),
-                "--core", str(core), "--parent-process", str(os.getpid()), *self.config.node_args)
+                "--core", str(core), *parent, *self.config.node_args)
         return self._spec(core, argv, (str(address.listen.ip), address.listen.port), str(address.listen),
                           tuple(str(b) for b in binds))
 
@@ -233,7 +238,7 @@ class Reconciler:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **self.config.node_env}
         return ProcessSpec(core=core, argv=argv, cwd=self.config.work_dir, env=env,
                            log_path=self.config.log_dir / name, listen=listen,
-                           listen_multiaddr=listen_text, binds=binds)
+                           listen_multiaddr=listen_text, binds=binds, run_as=self.run_as)
 
     # -- the steps -----------------------------------------------------------------
 
@@ -245,9 +250,9 @@ class Reconciler:
         data = plan.config_text.encode("utf-8")
         if current == data:
             return False
-        self.config.node_config_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._make_node_directories()
         # config.yml carries the node's private keys, so only the owner may read it.
-        write_atomic(self.config_path, data, mode=0o600, backup=current is not None)
+        write_atomic(self.config_path, data, mode=0o600, backup=current is not None, owner=self._node_owner())
         log.info("wrote: %s (sha256 %s)", self.config_path, plan.config_sha256[:12])
         return True
 
@@ -312,10 +317,19 @@ class Reconciler:
                 return False
         except FileNotFoundError:
             pass
-        self.config.node_config_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_atomic(path, data, mode=0o600, backup=path.exists())
+        self._make_node_directories()
+        write_atomic(path, data, mode=0o600, backup=path.exists(), owner=self._node_owner())
         log.info("wrote: %s (%d bytes)", path, len(data))
         return True
+
+    def _make_node_directories(self) -> None:
+        """Create the node config and work directories, owned by node_user when one is set."""
+        runas.give_directory(self.config.node_config_dir, self.run_as)
+        if self.run_as is not None:
+            runas.give_directory(self.config.work_dir, self.run_as)
+
+    def _node_owner(self) -> tuple[int, int] | None:
+        return self.run_as.owner() if self.run_as is not None else None
 
     def _warnings(self, plan: _Plan) -> list[str]:
         ports = [int(bind.rsplit("/", 1)[1]) for spec in plan.specs.values() for bind in spec.binds]

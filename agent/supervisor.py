@@ -6,17 +6,26 @@ start confirmation, log rotation). RPC threads call start() and stop(); they
 change the table under the lock and wake the loop through a pipe.
 
 Processes are created by fork+exec only (subprocess with close_fds and no
-preexec_fn, which CPython runs through vfork), so no Python code and no gRPC
-state runs in the child between fork and exec. Each process gets its own
-process group, and stopping signals the whole group: SIGTERM, the grace
-period, then SIGKILL. A process is identified by pid and create time, never
-by name.
+preexec_fn, which CPython 3.11 runs through vfork; the process group is set
+in C by _posixsubprocess), so no Python code and no gRPC state runs in the
+child between fork and exec. Only the loop thread spawns: start() hands the
+spawn to it and waits. That keeps the parent-death signal of processes run
+as another user (runas.py) tied to a thread that lives as long as the
+supervisor. Each process gets its own process group, and stopping signals
+the whole group: SIGTERM, the grace period, then SIGKILL. A process is
+identified by pid and create time, never by name.
+
+Before each spawn the loop checks the process's bind addresses
+(bindcheck.py): an address on no interface keeps it WAITING without
+counting a failure, and a port another process listens on counts as a
+failed start that names that process.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import selectors
@@ -33,13 +42,16 @@ import psutil
 
 from ..common.states import ALIVE_STATES, State
 from ..common.files import write_atomic
-from . import listeners
+from . import bindcheck, listeners
+from .runas import RunAs
 
 log = logging.getLogger(__name__)
 
 # Environment variable set in every node process the agent starts; its value
 # is the agent's instance id, so a later run can tell its own processes apart.
 MARKER_ENV = "QUIL_CLUSTER_AGENT_INSTANCE"
+# Seconds start() waits for the loop thread to launch a process.
+START_HANDOFF_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -53,12 +65,29 @@ class Policy:
     backoff_cap: float = 30.0
     # Seconds of RUNNING after which earlier failures no longer raise the backoff.
     stable_seconds: float = 10.0
-    # This many unexpected exits within the window end in FATAL; it cannot be disabled.
+    # This many failures (unexpected exits, failed spawns, held ports) within
+    # crash_window seconds end in FATAL. __post_init__ rejects values that
+    # would turn the guard off, so it cannot be disabled.
     crash_limit: int = 10
-    crash_window: float = 60.0
+    crash_window: float = 180.0
     # Log rotation: size limit in bytes and rotated copies kept.
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = 3
+    # Seconds between size checks of live logs.
+    log_check_seconds: float = 10.0
+    # Seconds between reads of the interface addresses while a process is WAITING.
+    address_poll_seconds: float = 0.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.crash_limit, bool) or not isinstance(self.crash_limit, int) or self.crash_limit < 2:
+            raise ValueError(f"crash_limit must be an integer of at least 2, not {self.crash_limit!r}")
+        needed = min_crash_window(self.crash_limit, self)
+        if not self.crash_window >= needed:
+            raise ValueError(
+                f"crash_window {self.crash_window} s is shorter than the {needed:.1f} s a process that exits"
+                f" at once needs to fail {self.crash_limit} times, so the crash-loop guard could never trip;"
+                f" use at least {math.ceil(needed)} s"
+            )
 
 
 def backoff_delay(failures: int, policy: Policy, rng: Callable[[], float] = random.random) -> float:
@@ -73,6 +102,18 @@ def backoff_delay(failures: int, policy: Policy, rng: Callable[[], float] = rand
     return delay * (0.8 + 0.4 * rng())
 
 
+def min_crash_window(crash_limit: int, policy: Policy) -> float:
+    """Return the longest time a process that exits at once takes to fail crash_limit times.
+
+    That is the sum of the backoff delays before its restarts, each at the
+    top of its jitter range. A shorter crash window would let such a process
+    restart forever without reaching FATAL.
+    """
+    total = sum(backoff_delay(failures, policy, rng=lambda: 1.0) for failures in range(1, crash_limit))
+    # Rounded so that float error does not reject a window of exactly this length.
+    return round(total, 6)
+
+
 @dataclass(frozen=True)
 class ProcessSpec:
     core: int
@@ -85,6 +126,8 @@ class ProcessSpec:
     listen_multiaddr: str = ""
     # Every multiaddr the process binds; a change means a restart.
     binds: tuple[str, ...] = ()
+    # The user to run as when it is not the agent's own (setpriv; see runas.py).
+    run_as: RunAs | None = None
 
     @property
     def label(self) -> str:
@@ -126,6 +169,11 @@ class _Record:
     crashes: deque[float] = field(default_factory=deque)
     exited: threading.Event = field(default_factory=threading.Event)
     ps: psutil.Process | None = None
+    # Set by start(): the loop thread spawns it on its next pass, then sets `launched`.
+    pending: bool = True
+    launched: threading.Event = field(default_factory=threading.Event)
+    # The spawn that WAITING holds back is a restart.
+    relaunch: bool = False
 
     @property
     def pid(self) -> int:
@@ -148,6 +196,8 @@ class Supervisor:
         self._closing = False
         self._table_dirty = False
         self._next_rotation = 0.0
+        self._addresses: set = set()
+        self._addresses_read_at = -math.inf
         self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
 
     # -- public API, called from RPC threads -------------------------------
@@ -164,15 +214,22 @@ class Supervisor:
             return {core: rec.state for core, rec in self._records.items()}
 
     def start(self, spec: ProcessSpec) -> None:
-        """Add spec to the table and spawn it now; a running process of that core is an error."""
+        """Add spec to the table and have the loop thread launch it; a running process of that core is an error.
+
+        Returns once the loop has spawned the process, or found it must wait
+        (WAITING) or back off (BACKOFF), or after START_HANDOFF_SECONDS. Before
+        begin() it returns at once, and the first pass of the loop launches it.
+        """
         with self._lock:
             current = self._records.get(spec.core)
             if current is not None and current.state in ALIVE_STATES:
                 raise RuntimeError(f"{spec.label} is already running (pid {current.pid})")
             record = _Record(spec=spec)
             self._records[spec.core] = record
-            self._spawn(record, restart=False)
         self._wake()
+        if self._thread.is_alive() and not record.launched.wait(START_HANDOFF_SECONDS):
+            log.warning("start: %s not launched by the supervisor loop after %.0f s; it stays queued",
+                        spec.label, START_HANDOFF_SECONDS)
 
     def stop(self, cores: list[int]) -> list[int]:
         """Stop the given cores: SIGTERM to each group, the grace period, then SIGKILL.
@@ -224,14 +281,54 @@ class Supervisor:
 
     # -- spawning and stopping ---------------------------------------------
 
+    def _launch(self, record: _Record, now: float, restart: bool, table: _ListenTable) -> None:
+        """Spawn record's process unless its address is missing (WAITING) or its port is held (BACKOFF)."""
+        spec = record.spec
+        endpoints = bindcheck.bind_endpoints(spec.binds, spec.listen)
+        # 1. Every bind address on an interface, or wait for it without counting a failure.
+        missing: list = []
+        if any(bindcheck.needs_interface(ip) for ip, _ in endpoints):
+            missing = bindcheck.missing_addresses(endpoints, self._local_addresses(now))
+        if missing:
+            record.relaunch = record.relaunch or restart
+            if record.state != State.WAITING:
+                # STOPPED/BACKOFF -> WAITING
+                record.state = State.WAITING
+                text = ", ".join(str(ip) for ip in missing)
+                record.detail = f"waiting for address {text} to appear on an interface"
+                log.info("waiting: %s (address %s is on no interface; starting when it appears)", spec.label, text)
+            return
+        if record.state == State.WAITING:
+            log.info("address up: %s; starting", spec.label)
+        # 2. No other process listening on a bind port, or a failed start that names it.
+        held = bindcheck.held_port(endpoints, table.get()) if endpoints else None
+        if held is not None:
+            # WAITING/STOPPED/BACKOFF -> BACKOFF (or FATAL)
+            record.state = State.BACKOFF
+            record.relaunch = record.relaunch or restart
+            self._record_failure(record, held, event="not started")
+            return
+        # 3. Spawn.
+        self._spawn(record, restart or record.relaunch)
+        record.relaunch = False
+
+    def _local_addresses(self, now: float) -> set:
+        """Return the interface addresses, read again when the last read is address_poll_seconds old."""
+        if now >= self._addresses_read_at + self.policy.address_poll_seconds:
+            self._addresses = bindcheck.local_addresses()
+            self._addresses_read_at = now
+        return self._addresses
+
     def _spawn(self, record: _Record, restart: bool) -> None:
         spec = record.spec
         env = dict(spec.env, **{MARKER_ENV: self._instance_id})
+        argv = spec.argv if spec.run_as is None else spec.run_as.wrap(spec.argv)
         try:
             self._rotate_if_large(spec.log_path)
             with open(spec.log_path, "ab") as output:
+                # fork+exec only: no preexec_fn, and the process group is set in C.
                 record.popen = subprocess.Popen(
-                    spec.argv, cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL, stdout=output,
+                    argv, cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL, stdout=output,
                     stderr=subprocess.STDOUT, close_fds=True, process_group=0,
                 )
         except OSError as err:
@@ -275,6 +372,9 @@ class Supervisor:
                 if record is None:
                     continue
                 record.desired = False
+                # A launch still queued for the loop is dropped, and its start() caller released.
+                record.pending = False
+                record.launched.set()
                 if record.state in ALIVE_STATES and record.popen is not None:
                     record.state = State.STOPPING
                     _signal_group(record.popen.pid, signal.SIGTERM)
@@ -344,7 +444,7 @@ class Supervisor:
             self._record_failure(record, f"exit status {code}")
         record.exited.set()
 
-    def _record_failure(self, record: _Record, reason: str) -> None:
+    def _record_failure(self, record: _Record, reason: str, event: str = "exited") -> None:
         now = time.monotonic()
         record.crashes.append(now)
         while record.crashes and record.crashes[0] < now - self.policy.crash_window:
@@ -361,23 +461,34 @@ class Supervisor:
         delay = backoff_delay(record.failures_in_row, self.policy)
         record.next_start = now + delay
         record.detail = f"{reason}; restarting in {delay:.1f} s"
-        log.warning("exited: %s (%s; not expected, restarting in %.1f s)", record.spec.label, reason, delay)
+        if event == "exited":
+            log.warning("exited: %s (%s; not expected, restarting in %.1f s)", record.spec.label, reason, delay)
+        else:
+            log.warning("%s: %s (%s; retrying in %.1f s)", event, record.spec.label, reason, delay)
 
     def _run_timers(self, now: float) -> float | None:
         """Act on due timers; return seconds until the next one (None: no timer)."""
         waits: list[float] = []
-        table: set[tuple[str, int]] | None = None
+        table = _ListenTable()
         for record in list(self._records.values()):
+            # At most one launch per process and pass, so a failed launch is retried
+            # on a later pass, after its backoff, never twice in one pass.
+            if record.pending:
+                record.pending = False
+                if record.desired:
+                    self._launch(record, now, restart=False, table=table)
+                record.launched.set()
+            elif record.state == State.BACKOFF and record.desired and now >= record.next_start:
+                self._launch(record, now, restart=True, table=table)
+            elif record.state == State.WAITING and record.desired:
+                self._launch(record, now, restart=False, table=table)
+            # Still BACKOFF: not due yet, or the launch failed and set a new next_start.
             if record.state == State.BACKOFF and record.desired:
-                if now >= record.next_start:
-                    self._spawn(record, restart=True)
-                # Still BACKOFF: not due yet, or the spawn failed and set a new next_start.
-                if record.state == State.BACKOFF:
-                    waits.append(max(0.0, record.next_start - now))
+                waits.append(max(0.0, record.next_start - now))
+            if record.state == State.WAITING and record.desired:
+                waits.append(self._addresses_read_at + self.policy.address_poll_seconds - now)
             if record.state == State.STARTING:
-                if table is None and record.spec.listen is not None:
-                    table = listeners.listening()
-                if self._started(record, now, table):
+                if self._started(record, now, table.get() if record.spec.listen is not None else None):
                     # STARTING -> RUNNING
                     record.state = State.RUNNING
                     log.info("running: %s (pid %d)", record.spec.label, record.pid)
@@ -424,7 +535,7 @@ class Supervisor:
 
     def _rotate_logs(self, now: float) -> float:
         if now >= self._next_rotation:
-            self._next_rotation = now + 10.0
+            self._next_rotation = now + self.policy.log_check_seconds
             for record in self._records.values():
                 if record.state in ALIVE_STATES:
                     self._rotate_if_large(record.spec.log_path, truncate=True)
@@ -484,6 +595,18 @@ class Supervisor:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:
             pass  # the pipe is full, so the loop is awake anyway
+
+
+class _ListenTable:
+    """listeners.listening(), read at most once per pass of the loop and only when needed."""
+
+    def __init__(self) -> None:
+        self._table: set[tuple[str, int]] | None = None
+
+    def get(self) -> set[tuple[str, int]]:
+        if self._table is None:
+            self._table = listeners.listening()
+        return self._table
 
 
 def stop_leftovers(table_path: Path, grace: float) -> list[int]:

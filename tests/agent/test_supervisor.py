@@ -10,6 +10,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -32,7 +33,7 @@ LISTEN_ADDRESS = "127.0.0.61"
 DEADLINE = 10.0
 POLICY = Policy(start_seconds=0.2, stop_grace_seconds=1, crash_limit=3, crash_window=60, backoff_base=0.05)
 # The second exit in a row waits 20 s (16 to 24 s with jitter), so the process stays in BACKOFF.
-LONG_BACKOFF = dataclasses.replace(POLICY, backoff_base=20, backoff_cap=100, crash_limit=10)
+LONG_BACKOFF = dataclasses.replace(POLICY, backoff_base=20, backoff_cap=100, crash_limit=10, crash_window=1000)
 FATAL_DETAIL = "3 failures in 60 s, last: exit status 3; fix the cause, then apply again"
 
 EXIT_3 = ("/bin/sh", "-c", "exit 3")
@@ -201,8 +202,8 @@ def test_backoff_delay_random_jitter_bounded():
 # -- restarts and crash loops ---------------------------------------------------
 
 
-def test_start_is_starting_before_loop_runs(make_supervisor, tmp_path):
-    supervisor = make_supervisor(begin=False)
+def test_start_returns_after_spawn(make_supervisor, tmp_path):
+    supervisor = make_supervisor(dataclasses.replace(POLICY, start_seconds=30))
     supervisor.start(_spec(tmp_path, SLEEP))
     info = _info(supervisor, 1)
     assert info.state == State.STARTING
@@ -210,11 +211,41 @@ def test_start_is_starting_before_loop_runs(make_supervisor, tmp_path):
     assert info.restarts == 0
 
 
-def test_restart_backs_off_after_crash(make_supervisor, tmp_path, info_logs):
-    supervisor = make_supervisor(LONG_BACKOFF, begin=False)
-    supervisor.start(_spec(tmp_path, EXIT_3))
-    assert _info(supervisor, 1).state == State.STARTING
+def test_start_before_begin_queues_launch(make_supervisor, tmp_path):
+    supervisor = make_supervisor(begin=False)
+    supervisor.start(_spec(tmp_path, SLEEP))
+    queued = _info(supervisor, 1)
+    assert queued.state == State.STOPPED
+    assert queued.pid == 0
     supervisor.begin()
+    info = _wait_state(supervisor, 1, State.RUNNING)
+    assert info.pid > 0
+    assert info.restarts == 0
+
+
+def test_spawn_runs_on_loop_thread_without_preexec(make_supervisor, tmp_path, monkeypatch):
+    calls: list[tuple[str, dict]] = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(*args, **kwargs):
+        calls.append((threading.current_thread().name, kwargs))
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(supervisor_module.subprocess, "Popen", recording_popen)
+    supervisor = make_supervisor()
+    supervisor.start(_spec(tmp_path, SLEEP))
+    os.kill(_wait_state(supervisor, 1, State.RUNNING).pid, signal.SIGKILL)
+    _wait_info(supervisor, 1, lambda i: i.state == State.RUNNING and i.restarts == 1, "restart")
+    assert [thread for thread, _ in calls] == ["supervisor", "supervisor"]
+    for _, kwargs in calls:
+        assert "preexec_fn" not in kwargs
+        assert kwargs["close_fds"] is True
+        assert kwargs["process_group"] == 0
+
+
+def test_restart_backs_off_after_crash(make_supervisor, tmp_path, info_logs):
+    supervisor = make_supervisor(LONG_BACKOFF)
+    supervisor.start(_spec(tmp_path, EXIT_3))
     info = _wait_info(supervisor, 1, lambda i: i.state == State.BACKOFF and i.restarts == 1, "second exit")
     assert info.last_exit == 3
     assert info.pid == 0
@@ -276,14 +307,19 @@ def test_sigkill_while_running_restarts_once(supervisor, tmp_path):
     assert info.pid > 0
 
 
-def test_spawn_missing_binary_backs_off(make_supervisor, tmp_path):
-    supervisor = make_supervisor(begin=False)
+def test_spawn_missing_binary_backs_off(make_supervisor, tmp_path, info_logs):
+    supervisor = make_supervisor(LONG_BACKOFF)
     supervisor.start(_spec(tmp_path, (str(tmp_path / "missing-node"),)))
+    _wait_for(lambda: len(_messages(info_logs, logging.WARNING)) == 2, "second failed spawn")
     info = _info(supervisor, 1)
     assert info.state == State.BACKOFF
-    assert info.detail == "spawn failed: No such file or directory; restarting in 0.0 s"
+    assert info.detail.startswith("spawn failed: No such file or directory; restarting in ")
     assert info.pid == 0
     assert info.last_exit is None
+    assert info.restarts == 0
+    assert _messages(info_logs, logging.WARNING)[0] == (
+        "exited: worker core=1 (spawn failed: No such file or directory; not expected, restarting in 0.0 s)"
+    )
 
 
 def test_spawn_missing_binary_ends_fatal(make_supervisor, tmp_path):
@@ -721,15 +757,12 @@ def test_restart_rotates_log_keeping_backups(make_supervisor, tmp_path):
 
 
 def test_running_process_log_rotates(make_supervisor, tmp_path):
-    supervisor = make_supervisor(dataclasses.replace(POLICY, log_max_bytes=4096), begin=False)
+    supervisor = make_supervisor(dataclasses.replace(POLICY, log_max_bytes=4096, log_check_seconds=0.2))
     noisy = (sys.executable, "-c", "import sys, time\nsys.stdout.write('x' * 100000)\nsys.stdout.flush()\n"
              "time.sleep(1000)\n")
     log_path = tmp_path / "core-1.log"
     rotated = tmp_path / "core-1.log.1"
     supervisor.start(_spec(tmp_path, noisy))
-    _wait_for(lambda: log_path.stat().st_size == 100000, "output written")
-    # The loop checks live logs on its first pass, then every 10 s.
-    supervisor.begin()
     # The copy is written before the live file is truncated, so an empty live file means done.
     _wait_for(lambda: rotated.exists() and log_path.stat().st_size == 0, "core-1.log rotated")
     assert rotated.read_bytes() == b"x" * 100000
@@ -737,7 +770,7 @@ def test_running_process_log_rotates(make_supervisor, tmp_path):
 
 
 def test_rotated_live_log_keeps_appending(make_supervisor, tmp_path):
-    supervisor = make_supervisor(dataclasses.replace(POLICY, log_max_bytes=4096), begin=False)
+    supervisor = make_supervisor(dataclasses.replace(POLICY, log_max_bytes=4096, log_check_seconds=0.2))
     go_file = tmp_path / "go"
     # Writes 100000 bytes, then one line more once the test creates the file "go".
     noisy = (sys.executable, "-c",
@@ -746,8 +779,6 @@ def test_rotated_live_log_keeps_appending(make_supervisor, tmp_path):
              "print('after rotation', flush=True)\ntime.sleep(1000)\n", str(go_file))
     log_path = tmp_path / "core-1.log"
     supervisor.start(_spec(tmp_path, noisy))
-    _wait_for(lambda: log_path.stat().st_size == 100000, "output written")
-    supervisor.begin()
     _wait_for(lambda: (tmp_path / "core-1.log.1").exists() and log_path.stat().st_size == 0, "core-1.log rotated")
     go_file.touch()
     _wait_for(lambda: log_path.stat().st_size > 0, "line after rotation")
@@ -755,21 +786,21 @@ def test_rotated_live_log_keeps_appending(make_supervisor, tmp_path):
 
 
 def test_failed_rotation_keeps_loop_running(make_supervisor, tmp_path, caplog):
-    supervisor = make_supervisor(dataclasses.replace(POLICY, log_max_bytes=4096, log_backups=1), begin=False)
+    policy = dataclasses.replace(POLICY, log_max_bytes=4096, log_backups=1, log_check_seconds=0.2)
+    supervisor = make_supervisor(policy)
     noisy = (sys.executable, "-c", "import sys, time\nsys.stdout.write('x' * 10000)\nsys.stdout.flush()\n"
              "time.sleep(1000)\n")
     log_path = tmp_path / "core-1.log"
+    failed = f"log rotation failed: {log_path} ("
     # A directory where the rotated copy belongs makes the copy fail.
     (tmp_path / "core-1.log.1").mkdir()
-    supervisor.start(_spec(tmp_path, noisy))
-    _wait_for(lambda: log_path.stat().st_size == 10000, "output written")
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        supervisor.begin()
+        supervisor.start(_spec(tmp_path, noisy))
+        _wait_for(lambda: any(m.startswith(failed) for m in _messages(caplog)), "failed rotation of the live log")
         first = _wait_state(supervisor, 1, State.RUNNING)
         os.kill(first.pid, signal.SIGKILL)
         info = _wait_info(supervisor, 1, lambda i: i.state == State.RUNNING and i.restarts == 1, "restart")
     assert info.last_exit == -9
-    assert any(message.startswith(f"log rotation failed: {log_path} (") for message in _messages(caplog))
 
 
 def test_failed_table_write_keeps_loop_running(make_supervisor, tmp_path, caplog):
