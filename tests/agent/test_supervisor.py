@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import psutil
 import pytest
 from helpers import free_port_range
 
+from quil_cluster.agent import bindcheck, listeners
 from quil_cluster.agent import supervisor as supervisor_module
 from quil_cluster.agent.supervisor import (
     MARKER_ENV, Policy, ProcessInfo, ProcessSpec, Supervisor, backoff_delay, stop_leftovers,
@@ -815,3 +817,184 @@ def test_failed_table_write_keeps_loop_running(make_supervisor, tmp_path, caplog
     assert info.last_exit == -9
     table = tmp_path / "processes.json"
     assert any(message.startswith(f"process table write failed: {table} (") for message in _messages(caplog))
+
+
+# -- WAITING: bind address on no interface ------------------------------------------
+
+# Documentation range (192.0.2.0/24): never assigned to an interface here.
+ABSENT_ADDRESS = "192.0.2.1"
+
+
+def _absent_spec(directory: Path, argv: tuple[str, ...] = SLEEP) -> ProcessSpec:
+    return _spec(directory, argv, listen=(ABSENT_ADDRESS, 41000), binds=(f"/ip4/{ABSENT_ADDRESS}/tcp/41000",))
+
+
+@pytest.fixture
+def extra_addresses(monkeypatch) -> set:
+    """Addresses the supervisor sees on an interface in addition to the real ones."""
+    added: set = set()
+    real = bindcheck.local_addresses
+    monkeypatch.setattr(bindcheck, "local_addresses", lambda: real() | added)
+    return added
+
+
+def test_missing_address_waits_without_failure(supervisor, tmp_path, info_logs):
+    supervisor.start(_absent_spec(tmp_path))
+    info = _info(supervisor, 1)
+    assert info.state == State.WAITING
+    assert info.detail == f"waiting for address {ABSENT_ADDRESS} to appear on an interface"
+    assert info.pid == 0
+    # Several address polls (every 0.5 s) and far more than POLICY's crash loop needs.
+    time.sleep(1.5)
+    info = _info(supervisor, 1)
+    assert info.state == State.WAITING
+    assert info.restarts == 0
+    assert info.last_exit is None
+    assert _messages(info_logs) == [
+        f"waiting: worker core=1 (address {ABSENT_ADDRESS} is on no interface; starting when it appears)"
+    ]
+    assert supervisor.stop([1]) == []
+    assert supervisor.states() == {}
+
+
+def test_waiting_process_starts_when_address_appears(supervisor, tmp_path, extra_addresses, info_logs):
+    supervisor.start(_absent_spec(tmp_path))
+    assert _info(supervisor, 1).state == State.WAITING
+    extra_addresses.add(ipaddress.ip_address(ABSENT_ADDRESS))
+    info = _wait_state(supervisor, 1, State.RUNNING)
+    assert info.restarts == 0
+    assert info.detail == ""
+    assert "address up: worker core=1; starting" in _messages(info_logs)
+
+
+def test_crashed_process_waits_for_lost_address(supervisor, tmp_path, extra_addresses):
+    address = ipaddress.ip_address(ABSENT_ADDRESS)
+    extra_addresses.add(address)
+    supervisor.start(_absent_spec(tmp_path))
+    first = _wait_state(supervisor, 1, State.RUNNING)
+    extra_addresses.discard(address)
+    # Make the next read of the interface addresses see the loss at once.
+    time.sleep(POLICY.address_poll_seconds)
+    os.kill(first.pid, signal.SIGKILL)
+    waiting = _wait_state(supervisor, 1, State.WAITING)
+    assert waiting.last_exit == -9
+    assert waiting.restarts == 0
+    extra_addresses.add(address)
+    info = _wait_state(supervisor, 1, State.RUNNING)
+    assert info.restarts == 1
+    assert info.pid != first.pid
+
+
+def test_wildcard_and_loopback_never_wait(supervisor, tmp_path):
+    port = free_port_range(["0.0.0.0", "127.77.0.1"], 3)
+    for core, address in ((1, "/ip4/0.0.0.0"), (2, "/ip4/127.77.0.1"), (3, "/ip6/::")):
+        ip = address.split("/")[2]
+        supervisor.start(_spec(tmp_path, SLEEP, core=core, listen=(ip, port + core),
+                               binds=(f"{address}/tcp/{port + core}",)))
+    for core in (1, 2, 3):
+        assert _info(supervisor, core).state in (State.STARTING, State.RUNNING)
+
+
+# -- held ports ------------------------------------------------------------------------
+
+FOREIGN_LISTENER = (
+    "import socket, sys, time\n"
+    "server = socket.socket()\n"
+    "server.bind((sys.argv[1], int(sys.argv[2])))\n"
+    "server.listen()\n"
+    "time.sleep(1000)\n"
+)
+
+
+def _foreign_listener(directory: Path, address: str, port: int) -> subprocess.Popen[bytes]:
+    """Start a process the supervisor did not start, listening on address:port."""
+    script = directory / "listener.py"
+    script.write_text(FOREIGN_LISTENER)
+    proc = subprocess.Popen([sys.executable, str(script), address, str(port)], process_group=0)
+    _wait_for(lambda: listeners.is_listening(address, port, listeners.listening()), f"listener on {address}:{port}")
+    return proc
+
+
+def _held_reason(proc: subprocess.Popen[bytes], address: str, port: int) -> str:
+    command = " ".join(proc.args)
+    if len(command) > bindcheck.MAX_COMMAND_CHARS:
+        command = command[: bindcheck.MAX_COMMAND_CHARS - 3] + "..."
+    return f"port {address}:{port} is already in use by pid {proc.pid} ({command}); stop that process or free the port"
+
+
+@pytest.mark.parametrize("foreign_address", [LISTEN_ADDRESS, "0.0.0.0"], ids=["same-address", "wildcard"])
+def test_held_port_reported_and_ends_fatal(supervisor, tmp_path, info_logs, foreign_address):
+    port = free_port_range([LISTEN_ADDRESS, "0.0.0.0"], 1)
+    foreign = _foreign_listener(tmp_path, foreign_address, port)
+    try:
+        supervisor.start(_spec(tmp_path, SLEEP, listen=(LISTEN_ADDRESS, port),
+                               binds=(f"/ip4/{LISTEN_ADDRESS}/tcp/{port}",)))
+        info = _wait_state(supervisor, 1, State.FATAL)
+        reason = _held_reason(foreign, LISTEN_ADDRESS, port)
+        assert info.detail == f"3 failures in 60 s, last: {reason}; fix the cause, then apply again"
+        assert info.pid == 0
+        assert info.restarts == 0
+        # Not the agent's process: reported, never signalled.
+        assert foreign.poll() is None
+        warnings = _messages(info_logs, logging.WARNING)
+        assert warnings[0] == f"not started: worker core=1 ({reason}; retrying in 0.0 s)"
+        assert len(warnings) == 2
+        assert [m for m in _messages(info_logs) if m.startswith("started: ")] == []
+    finally:
+        _reap(foreign)
+
+
+def test_held_port_freed_starts_process(make_supervisor, tmp_path):
+    supervisor = make_supervisor(dataclasses.replace(POLICY, backoff_base=0.5, crash_limit=10, crash_window=1000))
+    port = free_port_range([LISTEN_ADDRESS], 1)
+    foreign = _foreign_listener(tmp_path, LISTEN_ADDRESS, port)
+    try:
+        supervisor.start(_spec(tmp_path, SLEEP, listen=(LISTEN_ADDRESS, port)))
+        held = _wait_info(supervisor, 1, lambda i: i.state == State.BACKOFF and "already in use" in i.detail,
+                          "held port reported")
+        assert held.pid == 0
+    finally:
+        _reap(foreign)
+    info = _wait_state(supervisor, 1, State.RUNNING)
+    assert info.restarts == 1
+    assert info.detail == ""
+
+
+# -- the crash-loop guard cannot be turned off -------------------------------------------
+
+
+def test_min_crash_window_default_policy():
+    # 0 + 0.5 + 1 + 2 + 4 + 8 + 16 + 30 + 30 s of backoff, each at +20 % jitter.
+    assert supervisor_module.min_crash_window(10, Policy()) == pytest.approx(109.8)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"crash_window": 60.0},
+     "crash_window 60.0 s is shorter than the 109.8 s a process that exits at once needs to fail 10 times,"
+     " so the crash-loop guard could never trip; use at least 110 s"),
+    ({"crash_limit": 1}, "crash_limit must be an integer of at least 2, not 1"),
+    ({"crash_limit": 0}, "crash_limit must be an integer of at least 2, not 0"),
+    ({"crash_limit": True}, "crash_limit must be an integer of at least 2, not True"),
+    ({"crash_window": float("nan")},
+     "crash_window nan s is shorter than the 109.8 s a process that exits at once needs to fail 10 times,"
+     " so the crash-loop guard could never trip; use at least 110 s"),
+])
+def test_policy_rejects_disabled_guard(changes, message):
+    with pytest.raises(ValueError) as err:
+        Policy(**changes)
+    assert str(err.value) == message
+
+
+def test_instant_crash_reaches_fatal_with_growing_delays(make_supervisor, tmp_path, info_logs):
+    policy = dataclasses.replace(POLICY, backoff_base=0.05, crash_limit=6, crash_window=10)
+    supervisor = make_supervisor(policy)
+    supervisor.start(_spec(tmp_path, EXIT_3))
+    info = _wait_state(supervisor, 1, State.FATAL)
+    assert info.restarts == 5
+    delays = [float(m.rsplit("restarting in ", 1)[1].removesuffix(" s)"))
+              for m in _messages(info_logs, logging.WARNING)]
+    assert delays[0] == 0.0
+    # 0.05, 0.1, 0.2, 0.4 s with +/-20 % jitter, rounded to 0.1 s in the log line.
+    assert delays == sorted(delays)
+    assert delays[-1] >= 0.3
+    assert len(delays) == 5
