@@ -269,8 +269,7 @@ class Reconciler:
         result.stopped = self.supervisor.stop(gone) if gone else []
         if moved:
             self.supervisor.stop(moved)
-        for core in moved + revived + new:
-            self.supervisor.start(wanted[core])
+        self.supervisor.start_all([wanted[core] for core in moved + revived + new])
         result.restarted = moved + revived
         result.started = new
 

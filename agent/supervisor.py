@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 MARKER_ENV = "QUIL_CLUSTER_AGENT_INSTANCE"
 # Seconds start() waits for the loop thread to launch a process.
 START_HANDOFF_SECONDS = 10.0
+# Seconds between checks whether a STARTING process listens yet. Each check reads
+# /proc/net/tcp and tcp6, which takes tens of milliseconds on a busy host.
+STARTING_POLL_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -213,23 +216,39 @@ class Supervisor:
         with self._lock:
             return {core: rec.state for core, rec in self._records.items()}
 
-    def start(self, spec: ProcessSpec) -> None:
-        """Add spec to the table and have the loop thread launch it; a running process of that core is an error.
+    def running_pids(self) -> dict[int, int]:
+        """Return the pid of each RUNNING process by core, without reading /proc as snapshot() does."""
+        with self._lock:
+            return {core: rec.pid for core, rec in self._records.items() if rec.state == State.RUNNING}
 
-        Returns once the loop has spawned the process, or found it must wait
-        (WAITING) or back off (BACKOFF), or after START_HANDOFF_SECONDS. Before
-        begin() it returns at once, and the first pass of the loop launches it.
+    def start(self, spec: ProcessSpec) -> None:
+        """Add spec to the table and have the loop thread launch it; a running process of that core is an error."""
+        self.start_all([spec])
+
+    def start_all(self, specs: list[ProcessSpec]) -> None:
+        """Add specs to the table and have the loop thread launch them in one pass.
+
+        Raises RuntimeError, before changing anything, if a process of one of
+        the cores is running. Returns once the loop has spawned each process,
+        or found it must wait (WAITING) or back off (BACKOFF), or after
+        START_HANDOFF_SECONDS per process. Before begin() it returns at once,
+        and the first pass of the loop launches them.
         """
         with self._lock:
-            current = self._records.get(spec.core)
-            if current is not None and current.state in ALIVE_STATES:
-                raise RuntimeError(f"{spec.label} is already running (pid {current.pid})")
-            record = _Record(spec=spec)
-            self._records[spec.core] = record
+            for spec in specs:
+                current = self._records.get(spec.core)
+                if current is not None and current.state in ALIVE_STATES:
+                    raise RuntimeError(f"{spec.label} is already running (pid {current.pid})")
+            records = [_Record(spec=spec) for spec in specs]
+            for record in records:
+                self._records[record.spec.core] = record
         self._wake()
-        if self._thread.is_alive() and not record.launched.wait(START_HANDOFF_SECONDS):
-            log.warning("start: %s not launched by the supervisor loop after %.0f s; it stays queued",
-                        spec.label, START_HANDOFF_SECONDS)
+        if not self._thread.is_alive():
+            return
+        for record in records:
+            if not record.launched.wait(START_HANDOFF_SECONDS):
+                log.warning("start: %s not launched by the supervisor loop after %.0f s; it stays queued",
+                            record.spec.label, START_HANDOFF_SECONDS)
 
     def stop(self, cores: list[int]) -> list[int]:
         """Stop the given cores: SIGTERM to each group, the grace period, then SIGKILL.
@@ -255,9 +274,21 @@ class Supervisor:
         return sorted(r.spec.core for r in alive if r.exited.is_set())
 
     def snapshot(self) -> list[ProcessInfo]:
-        table = listeners.listening()
+        """Return the status of every process.
+
+        The table is copied under the lock, and the per-process reads of
+        /proc (CPU, memory, sockets) happen after it is released, so status
+        calls never hold up the loop thread's restarts.
+        """
+        by_inode = listeners.listening_by_inode()
+        table = set(by_inode.values())
         with self._lock:
-            return [self._info(rec, table) for _, rec in sorted(self._records.items())]
+            copied = [(self._info(rec, table), rec.ps if rec.state in ALIVE_STATES else None)
+                      for _, rec in sorted(self._records.items())]
+        for info, ps in copied:
+            if ps is not None:
+                _add_usage(info, ps, by_inode)
+        return [info for info, _ in copied]
 
     def close(self) -> None:
         """Stop the loop thread and release its descriptors; supervised processes keep running."""
@@ -493,7 +524,7 @@ class Supervisor:
                     record.state = State.RUNNING
                     log.info("running: %s (pid %d)", record.spec.label, record.pid)
                 else:
-                    waits.append(0.05)
+                    waits.append(STARTING_POLL_SECONDS)
             if record.state == State.RUNNING and record.failures_in_row:
                 stable_at = record.start_mono + self.policy.stable_seconds
                 if now >= stable_at:
@@ -514,23 +545,15 @@ class Supervisor:
     # -- status, logs and the persisted table -------------------------------
 
     def _info(self, record: _Record, table: set[tuple[str, int]]) -> ProcessInfo:
-        cpu, rss, sockets = 0.0, 0, []
-        if record.ps is not None and record.state in ALIVE_STATES:
-            try:
-                with record.ps.oneshot():
-                    cpu = record.ps.cpu_percent(None)
-                    rss = record.ps.memory_info().rss
-                sockets = _listen_sockets(record.ps)
-            except psutil.Error:
-                pass
+        """Return record's status without CPU, memory and sockets, which _add_usage fills in."""
         listen = record.spec.listen
         return ProcessInfo(
             core=record.spec.core, pid=record.pid, state=record.state,
             start_time=record.start_wall if record.state in ALIVE_STATES else 0.0,
-            restarts=record.restarts, last_exit=record.last_exit, cpu_percent=cpu, rss_bytes=rss,
+            restarts=record.restarts, last_exit=record.last_exit, cpu_percent=0.0, rss_bytes=0,
             listen_address=record.spec.listen_multiaddr,
             listening=bool(listen and record.state in ALIVE_STATES and listeners.is_listening(*listen, table)),
-            detail=record.detail, listen_sockets=sockets,
+            detail=record.detail, listen_sockets=[],
         )
 
     def _rotate_logs(self, now: float) -> float:
@@ -695,14 +718,17 @@ def _wait_groups(pgids: set[int], deadline: float) -> set[int]:
     return running
 
 
-def _listen_sockets(process: psutil.Process) -> list[str]:
-    """'ip:port' of the process's listening TCP sockets (its own, not its children's)."""
-    found = set()
-    for conn in process.net_connections("tcp"):
-        if conn.status == psutil.CONN_LISTEN:
-            ip, port = conn.laddr.ip, conn.laddr.port
-            found.add(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}")
-    return sorted(found)
+def _add_usage(info: ProcessInfo, ps: psutil.Process, by_inode: dict[int, tuple[str, int]]) -> None:
+    """Fill in CPU, memory and listening sockets of info's process; leave zeros if it has exited."""
+    # NOTE: the process may exit and be reaped after the table was copied. Then these reads
+    # fail and the zeros stay; a pid reused in that instant would report the new process.
+    try:
+        with ps.oneshot():
+            info.cpu_percent = ps.cpu_percent(None)
+            info.rss_bytes = ps.memory_info().rss
+        info.listen_sockets = listeners.sockets_of(ps.pid, by_inode)
+    except (psutil.Error, OSError):
+        pass
 
 
 def _signal_group(pid: int, sig: int) -> None:
