@@ -14,7 +14,7 @@ from helpers import free_port_range
 from quil_cluster.agent import bindcheck, listeners
 
 # Loopback address for the listener tests; other test files use other 127.0.0.x addresses.
-ADDRESS = "127.0.0.62"
+ADDRESS = "127.0.0.63"
 ip = ipaddress.ip_address
 
 
@@ -115,7 +115,11 @@ def test_held_port_names_owner_pid_and_command(monkeypatch):
 def test_command_line_short_command_kept_whole():
     sleeper = subprocess.Popen(["/bin/sleep", "1000"])
     try:
-        assert bindcheck._command_line(sleeper.pid) == "/bin/sleep 1000"
+        # Until the child has exec'd sleep, it still has this test's command line.
+        deadline = time.monotonic() + 10
+        while bindcheck._command_line(sleeper.pid) != "/bin/sleep 1000":
+            assert time.monotonic() < deadline, bindcheck._command_line(sleeper.pid)
+            time.sleep(0.02)
     finally:
         _stop(sleeper)
 
