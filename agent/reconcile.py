@@ -220,8 +220,8 @@ class Reconciler:
                     f"core {core} would bind {bind}, but this host's worker_address is {own};"
                     " fix the host's address in the coordinator inventory",
                 )
-        # A worker of another user cannot signal the agent and would take it for dead, so it
-        # gets no --parent-process; the parent-death signal ties it to the agent (runas.py).
+        # A worker of another user cannot signal the agent, so it would take the agent for dead.
+        # It gets no --parent-process, and the parent-death signal ties it to the agent (runas.py).
         parent = ("--parent-process", str(os.getpid())) if self.run_as is None else ()
         argv = (str(self.config.node_binary), "--config", str(self.config.node_config_dir),
                 "--core", str(core), *parent, *self.config.node_args)

@@ -12,7 +12,7 @@ signal instead:
 setpriv (util-linux 2.33 or later) changes the credentials first and sets
 PR_SET_PDEATHSIG after that, because Linux clears the parent-death signal
 on a credential change. Then it execs the node in the same process, so the
-pid, the pidfd and the process group the supervisor holds stay valid.
+pid, the pidfd and the process group that the supervisor tracks stay valid.
 PR_SET_PDEATHSIG fires when the thread that forked the process exits, not
 only the whole process, so the supervisor forks every node process from its
 own loop thread, which lives as long as the agent supervises anything.

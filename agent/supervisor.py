@@ -332,12 +332,12 @@ class Supervisor:
         if record.state == State.WAITING:
             log.info("address up: %s; starting", spec.label)
         # 2. No other process listening on a bind port, or a failed start that names it.
-        held = bindcheck.held_port(endpoints, table.get()) if endpoints else None
-        if held is not None:
+        held_reason = bindcheck.held_port(endpoints, table.get()) if endpoints else None
+        if held_reason is not None:
             # WAITING/STOPPED/BACKOFF -> BACKOFF (or FATAL)
             record.state = State.BACKOFF
             record.relaunch = record.relaunch or restart
-            self._record_failure(record, held, event="not started")
+            self._record_failure(record, held_reason, event="not started")
             return
         # 3. Spawn.
         self._spawn(record, restart or record.relaunch)

@@ -220,7 +220,7 @@ def read_dial_interval(environ) -> float:
 
 
 def read_fail_cores(environ) -> frozenset[int]:
-    """Return the core indices that FAIL_CORES_ENV tells to fail at start."""
+    """Return the core indices whose data workers FAIL_CORES_ENV sets to fail at start."""
     text = environ.get(FAIL_CORES_ENV, "")
     items = [item.strip() for item in text.split(",")] if text else []
     if not all(item.isascii() and item.isdigit() for item in items):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -30,7 +29,6 @@ from quil_cluster.proto import agent_pb2_grpc as pb_grpc
 
 # Seconds one RPC may take; far above what any call needs on an idle host.
 RPC_TIMEOUT = 30.0
-_CORE_ARGUMENT = re.compile(r"^--core$")
 
 
 def require(condition: bool, reason: str) -> None:
@@ -164,7 +162,7 @@ def node_processes(config_dir: Path) -> dict[int, list[int]]:
         if proc.info["status"] == psutil.STATUS_ZOMBIE or str(config_dir) not in argv:
             continue
         for index, item in enumerate(argv[:-1]):
-            if _CORE_ARGUMENT.match(item):
+            if item == "--core":
                 found.setdefault(int(argv[index + 1]), []).append(proc.info["pid"])
     return found
 

@@ -44,17 +44,17 @@ def ca() -> tuple[bytes, bytes]:
 @pytest.fixture
 def agents(tmp_path):
     """Agents a test made with make_agent; every one and its node processes end afterwards."""
-    made = []
+    created = []
 
     def make(root: Path | None = None, **overrides):
         agent = make_agent(root or tmp_path, overrides.pop("ca"), **overrides)
-        made.append(agent)
+        created.append(agent)
         return agent
 
     try:
         yield make
     finally:
-        for agent in made:
+        for agent in created:
             if agent.popen is not None and agent.popen.poll() is None:
                 agent.popen.kill()
                 agent.popen.wait(10)
@@ -101,12 +101,14 @@ def test_instant_exit_backs_off_then_fatal(agents, ca):
     agent_process = psutil.Process(agent.pid)
     request = apply_request(worker_entries(2), [1, 2])
     stub.Apply(request, timeout=RPC_TIMEOUT)
+
     cpu_before, wall_before = sum(agent_process.cpu_times()[:2]), time.monotonic()
     table = wait_status(stub, lambda t: t[2].state == pb.PROCESS_STATE_FATAL, "core 2 fatal", timeout=60,
                         interval=0.25)
     cpu_used, wall = sum(agent_process.cpu_times()[:2]) - cpu_before, time.monotonic() - wall_before
     share = cpu_used / wall
     print(f"\ncrash loop to FATAL: {wall:.1f} s; agent CPU {cpu_used:.2f} s = {share:.1%} of one core")
+
     assert table[2].detail == "6 failures in 20 s, last: exit status 1; fix the cause, then apply again"
     assert table[2].restarts == 5
     assert table[2].pid == 0
@@ -119,6 +121,7 @@ def test_instant_exit_backs_off_then_fatal(agents, ca):
         assert nominal * 0.8 - 0.05 <= delay <= nominal * 1.2 + 0.05
     assert "fatal: worker core=2 (6 failures in 20 s, last: exit status 1;" in agent.log_text()
     assert share < 0.30
+
     # FATAL clears with the next apply that still lists the core: a fresh start.
     again = stub.Apply(request, timeout=RPC_TIMEOUT)
     assert list(again.restarted) == [2]
@@ -195,7 +198,7 @@ def _add_test_address() -> float:
 
 
 @pytest.fixture
-def test_address():
+def extra_address():
     """TEST_ADDRESS, on no interface at the start; removed from lo afterwards."""
     require(os.geteuid() == 0, "adding an address to an interface needs root")
     require(shutil.which("ip") is not None, "the ip command (iproute2) is missing")
@@ -210,7 +213,7 @@ def _waiting(table) -> bool:
     return 1 in table and table[1].state == pb.PROCESS_STATE_WAITING
 
 
-def test_worker_waits_for_address_then_starts(agents, ca, test_address):
+def test_worker_waits_for_address_then_starts(agents, ca, extra_address):
     agent = agents(ca=ca, worker_address=TEST_ADDRESS)
     agent.start()
     stub = _stub(agent, ca)
@@ -276,7 +279,7 @@ def test_worker_runs_as_nobody_and_dies_with_agent(agents, ca):
     python = _python_for("nobody")
     require(python is not None, "no Python with PyYAML that user nobody can run")
     nobody = pwd.getpwnam("nobody")
-    # tmp_path is under a 0700 directory of root, which nobody cannot enter.
+    # tmp_path is under a directory of root with mode 0700, which user nobody cannot enter.
     root = Path(tempfile.mkdtemp(prefix="qc-runas-", dir="/tmp"))
     try:
         root.chmod(0o755)
