@@ -457,6 +457,11 @@ class Supervisor:
 
     def _on_exit(self, record: _Record) -> None:
         assert record.popen is not None
+        if record.state != State.STOPPING and record.desired:
+            # An unexpected exit: end what is left of its process group, so no child of the
+            # old process keeps the port or runs next to the restarted one. The pid, and with
+            # it the group id, stays allocated until poll() below reaps the exited leader.
+            _signal_group(record.popen.pid, signal.SIGKILL)
         code = record.popen.poll()
         if code is None:
             return

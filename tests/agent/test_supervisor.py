@@ -998,3 +998,19 @@ def test_instant_crash_reaches_fatal_with_growing_delays(make_supervisor, tmp_pa
     assert delays == sorted(delays)
     assert delays[-1] >= 0.3
     assert len(delays) == 5
+
+
+def test_unexpected_exit_kills_rest_of_group(supervisor, tmp_path):
+    child_pid_file = tmp_path / "child.pid"
+    script = f"/bin/sleep 1000 & echo $! > {shlex.quote(str(child_pid_file))}; wait"
+    supervisor.start(_spec(tmp_path, ("/bin/sh", "-c", script)))
+    leader = _info(supervisor, 1).pid
+    child = _read_pid_file(child_pid_file)
+    create_time = psutil.Process(child).create_time()
+    try:
+        os.kill(leader, signal.SIGKILL)
+        _wait_for(lambda: _is_gone(child, create_time), "the old leader's child killed")
+        info = _wait_info(supervisor, 1, lambda i: i.restarts == 1 and i.pid != leader, "restart")
+        assert info.last_exit == -9
+    finally:
+        _kill_if_alive(child, create_time)
