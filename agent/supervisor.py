@@ -34,7 +34,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 MARKER_ENV = "QUIL_CLUSTER_AGENT_INSTANCE"
 # Seconds start() waits for the loop thread to launch a process.
 START_HANDOFF_SECONDS = 10.0
+# Seconds a snapshot() call waits for a concurrent call's reading before reading alone.
+SNAPSHOT_WAIT_SECONDS = 30.0
 # Seconds between checks whether a STARTING process listens yet. Each check reads
 # /proc/net/tcp and tcp6, which takes tens of milliseconds on a busy host.
 STARTING_POLL_SECONDS = 0.1
@@ -201,6 +203,8 @@ class Supervisor:
         self._next_rotation = 0.0
         self._addresses: set = set()
         self._addresses_read_at = -math.inf
+        self._snapshot_guard = threading.Lock()
+        self._snapshot_reading: _SharedReading | None = None
         self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
 
     # -- public API, called from RPC threads -------------------------------
@@ -276,9 +280,33 @@ class Supervisor:
     def snapshot(self) -> list[ProcessInfo]:
         """Return the status of every process.
 
-        The table is copied under the lock, and the per-process reads of
-        /proc (CPU, memory, sockets) happen after it is released, so status
-        calls never hold up the loop thread's restarts.
+        Concurrent callers share one reading: a call that arrives while
+        another one reads /proc waits for that result (taken at most one
+        reading earlier) instead of reading again. With hundreds of workers
+        one reading takes a noticeable share of a core.
+        """
+        with self._snapshot_guard:
+            reading = self._snapshot_reading
+            leader = reading is None
+            if leader:
+                reading = self._snapshot_reading = _SharedReading()
+        assert reading is not None
+        if not leader:
+            if reading.done.wait(SNAPSHOT_WAIT_SECONDS) and reading.result is not None:
+                return [replace(info) for info in reading.result]
+            return self._read_snapshot()  # the leader failed or is stuck; read alone
+        try:
+            reading.result = self._read_snapshot()
+        finally:
+            with self._snapshot_guard:
+                self._snapshot_reading = None
+            reading.done.set()
+        return [replace(info) for info in reading.result]
+
+    def _read_snapshot(self) -> list[ProcessInfo]:
+        """Copy the table under the lock, then read CPU, memory and sockets from /proc without it.
+
+        So status calls never hold up the loop thread's restarts.
         """
         by_inode = listeners.listening_by_inode()
         table = set(by_inode.values())
@@ -623,6 +651,14 @@ class Supervisor:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:
             pass  # the pipe is full, so the loop is awake anyway
+
+
+class _SharedReading:
+    """One snapshot reading that concurrent snapshot() callers wait for."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: list[ProcessInfo] | None = None
 
 
 class _ListenTable:

@@ -1014,3 +1014,54 @@ def test_unexpected_exit_kills_rest_of_group(supervisor, tmp_path):
         assert info.last_exit == -9
     finally:
         _kill_if_alive(child, create_time)
+
+
+# -- snapshot -------------------------------------------------------------------------
+
+
+class _CountingEvent(threading.Event):
+    """An Event that counts the threads that called wait()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiters = 0
+
+    def wait(self, timeout=None):
+        self.waiters += 1
+        return super().wait(timeout)
+
+
+def test_concurrent_snapshots_share_one_reading(supervisor, tmp_path, monkeypatch):
+    supervisor.start(_spec(tmp_path, SLEEP))
+    _wait_state(supervisor, 1, State.RUNNING)
+    real_read = supervisor._read_snapshot
+    entered, release = threading.Event(), threading.Event()
+    readings = []
+
+    def blocking_read():
+        readings.append(1)
+        entered.set()
+        release.wait(DEADLINE)
+        return real_read()
+
+    monkeypatch.setattr(supervisor, "_read_snapshot", blocking_read)
+    results: list[list[ProcessInfo]] = []
+    threads = [threading.Thread(target=lambda: results.append(supervisor.snapshot())) for _ in range(4)]
+    threads[0].start()
+    assert entered.wait(DEADLINE)
+    counting = _CountingEvent()
+    supervisor._snapshot_reading.done = counting
+    for thread in threads[1:]:
+        thread.start()
+    _wait_for(lambda: counting.waiters == 3, "three callers waiting for the shared reading")
+    release.set()
+    for thread in threads:
+        thread.join(DEADLINE)
+    # The leader sets the event when its reading is complete.
+    assert counting.is_set()
+    assert len(readings) == 1
+    assert len(results) == 4
+    assert all(result == results[0] for result in results)
+    assert results[0][0].state == State.RUNNING
+    # Each caller gets its own objects.
+    assert len({id(result[0]) for result in results}) == 4
