@@ -831,7 +831,7 @@ def _absent_spec(directory: Path, argv: tuple[str, ...] = SLEEP) -> ProcessSpec:
 
 @pytest.fixture
 def extra_addresses(monkeypatch) -> set:
-    """Addresses the supervisor sees on an interface in addition to the real ones."""
+    """Addresses that bindcheck.local_addresses() returns in addition to the real ones."""
     added: set = set()
     real = bindcheck.local_addresses
     monkeypatch.setattr(bindcheck, "local_addresses", lambda: real() | added)
@@ -950,9 +950,9 @@ def test_held_port_freed_starts_process(make_supervisor, tmp_path):
     foreign = _foreign_listener(tmp_path, LISTEN_ADDRESS, port)
     try:
         supervisor.start(_spec(tmp_path, SLEEP, listen=(LISTEN_ADDRESS, port)))
-        held = _wait_info(supervisor, 1, lambda i: i.state == State.BACKOFF and "already in use" in i.detail,
-                          "held port reported")
-        assert held.pid == 0
+        reported = _wait_info(supervisor, 1, lambda i: i.state == State.BACKOFF and "already in use" in i.detail,
+                              "held port reported")
+        assert reported.pid == 0
     finally:
         _reap(foreign)
     info = _wait_state(supervisor, 1, State.RUNNING)
