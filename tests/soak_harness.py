@@ -29,6 +29,8 @@ from quil_cluster.agent.service import build_server
 from quil_cluster.common import pki
 from quil_cluster.proto import agent_pb2 as pb
 
+# Loopback address of the soak's workers, used by no other test file.
+SOAK_ADDRESS = "127.0.0.67"
 # Seconds between two GetStatus calls of one status thread.
 STATUS_INTERVAL = 0.1
 
@@ -144,7 +146,7 @@ def run_soak(root: Path, workers: int, cycles: int, status_threads: int, deadlin
     deadline = time.monotonic() + deadline_seconds
     ca = pki.create_ca("test")
     port = free_port_range([ADDRESS], 1, start=47700)
-    config = agent_config.load(write_agent_files(root / "agent", ca[0], ca[1], port))
+    config = agent_config.load(write_agent_files(root / "agent", ca[0], ca[1], port, worker_address=SOAK_ADDRESS))
     agent = build_server(config)
     target = f"{ADDRESS}:{agent.port}"
     cores = list(range(1, workers + 1))
@@ -153,7 +155,8 @@ def run_soak(root: Path, workers: int, cycles: int, status_threads: int, deadlin
         # 1. All workers running, and the status callers connected: the baseline.
         stub = coordinator_stub(target, ca)
         applied = time.monotonic()
-        stub.Apply(apply_request(worker_entries(workers, start=42000), cores), timeout=120)
+        # One Apply spawns every worker; on a loaded host that takes longer than a usual call.
+        stub.Apply(apply_request(worker_entries(workers, address=SOAK_ADDRESS, start=42000), cores), timeout=deadline - time.monotonic())
         wait_status(stub, all_running(cores), f"{workers} workers running", timeout=deadline - time.monotonic(),
                     interval=0.2)
         to_all_running = time.monotonic() - applied

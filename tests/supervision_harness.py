@@ -29,6 +29,9 @@ from quil_cluster.proto import agent_pb2_grpc as pb_grpc
 
 # Seconds one RPC may take; far above what any call needs on an idle host.
 RPC_TIMEOUT = 30.0
+# Loopback address the workers of these agents bind; other test files use other 127.0.0.x addresses,
+# so that a port picked as free here is not taken by another test's worker before it binds.
+WORKER_ADDRESS = "127.0.0.66"
 
 
 def require(condition: bool, reason: str) -> None:
@@ -40,7 +43,7 @@ def require(condition: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
-def worker_entries(count: int, address: str = ADDRESS, start: int = 41000) -> list[str]:
+def worker_entries(count: int, address: str = WORKER_ADDRESS, start: int = 41000) -> list[str]:
     base = free_port_range([address], count, start)
     return [f"/ip4/{address}/tcp/{base + i}" for i in range(count)]
 
@@ -111,7 +114,7 @@ def _port_open(host: str, port: int) -> bool:
 def make_agent(root: Path, ca: tuple[bytes, bytes], **overrides) -> AgentProcess:
     """Write an agent bundle under root (API port free on the loopback ADDRESS) and return it, not started."""
     port = free_port_range([ADDRESS], 1, start=47500)
-    config_path = write_agent_files(root / "agent", ca[0], ca[1], port, **overrides)
+    config_path = write_agent_files(root / "agent", ca[0], ca[1], port, **{"worker_address": WORKER_ADDRESS, **overrides})
     return AgentProcess(config_path=config_path, log_path=root / "agent.log")
 
 
