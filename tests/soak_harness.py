@@ -123,9 +123,11 @@ class _StatusCallers:
 def _kill_running(supervisor, cycles: int, deadline: float, rng: random.Random) -> Counter:
     """SIGKILL running workers until cycles kills are done, the least-killed first."""
     kills: Counter = Counter()
+    killed_pids: set[int] = set()
     while sum(kills.values()) < cycles:
         assert time.monotonic() < deadline, f"only {sum(kills.values())} of {cycles} kills before the deadline"
-        running = supervisor.running_pids()
+        # A killed process stays RUNNING in the table until the loop thread handles its exit.
+        running = {core: pid for core, pid in supervisor.running_pids().items() if pid not in killed_pids}
         if not running:
             time.sleep(0.02)
             continue
@@ -136,6 +138,7 @@ def _kill_running(supervisor, cycles: int, deadline: float, rng: random.Random) 
         except ProcessLookupError:
             continue  # exited on its own since the table was read
         kills[core] += 1
+        killed_pids.add(running[core])
         time.sleep(0.01)
     return kills
 
