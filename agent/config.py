@@ -9,6 +9,7 @@ bundle written by `quil-coord host add` works wherever it is copied.
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 from ..common import metricsserver
 from ..common.errors import ConfigError
 from ..common.yamlio import read_mapping, reject_unknown_keys
+from . import runas
+from .supervisor import Policy, min_crash_window
 
 DEFAULT_CONFIG_PATH = Path("/etc/quil-agent/agent.yaml")
 # Port of the Prometheus endpoint when agent.yaml has no metrics_address.
@@ -60,11 +63,29 @@ class AgentConfig:
     # HOST:PORT of the plain-HTTP Prometheus endpoint; "off" disables it. It has no
     # authentication, so keep it on loopback or firewall it.
     metrics_address: str = f"127.0.0.1:{METRICS_PORT}"
+    # User the node processes run as; empty: the agent's own user. Another user needs root.
+    node_user: str = ""
+    # This many failures within crash_window_seconds end in FATAL (the crash-loop guard).
+    crash_limit: int = Policy.crash_limit
+    crash_window_seconds: float = Policy.crash_window
 
     @property
     def log_dir(self) -> Path:
         return self.state_dir / "logs"
 
+    def supervisor_policy(self) -> Policy:
+        return Policy(
+            start_seconds=self.start_seconds, stop_grace_seconds=self.stop_grace_seconds,
+            crash_limit=self.crash_limit, crash_window=self.crash_window_seconds,
+            log_max_bytes=self.log_max_bytes, log_backups=self.log_backups,
+        )
+
+
+# Bounds of the crash-loop guard settings. A limit above 100 or a window above
+# a day would keep a crash-looping worker restarting for hours.
+MIN_CRASH_LIMIT = 2
+MAX_CRASH_LIMIT = 100
+MAX_CRASH_WINDOW = 86400.0
 
 _PATH_KEYS = ("node_binary", "node_config_dir", "work_dir", "state_dir")
 _REQUIRED = ("cluster", "listen", "worker_address", "node_binary", "node_config_dir", "state_dir", "tls")
@@ -161,6 +182,31 @@ def _validate(config: AgentConfig, source: str) -> None:
     metricsserver.parse_address(config.metrics_address, f"{source}: metrics_address")
     if isinstance(config.log_backups, bool) or not isinstance(config.log_backups, int) or config.log_backups < 1:
         raise ConfigError(f"{source}: 'log_backups' must be an integer of at least 1")
+    _validate_crash_guard(config, source)
+    if not isinstance(config.node_user, str):
+        raise ConfigError(f"{source}: 'node_user' must be a user name, not {config.node_user!r}")
+    runas.resolve(config.node_user, source)
+
+
+def _validate_crash_guard(config: AgentConfig, source: str) -> None:
+    """Reject crash-loop settings that are out of range or would keep the guard from ever tripping."""
+    limit, window = config.crash_limit, config.crash_window_seconds
+    if isinstance(limit, bool) or not isinstance(limit, int) or not MIN_CRASH_LIMIT <= limit <= MAX_CRASH_LIMIT:
+        raise ConfigError(
+            f"{source}: 'crash_limit' must be an integer from {MIN_CRASH_LIMIT} to {MAX_CRASH_LIMIT}, not {limit!r}"
+        )
+    if isinstance(window, bool) or not isinstance(window, (int, float)) or not 0 < window <= MAX_CRASH_WINDOW:
+        raise ConfigError(
+            f"{source}: 'crash_window_seconds' must be a number of seconds up to {MAX_CRASH_WINDOW:.0f},"
+            f" not {window!r}"
+        )
+    needed = min_crash_window(limit, Policy())
+    if window < needed:
+        raise ConfigError(
+            f"{source}: 'crash_window_seconds' {window} is shorter than the {needed:.1f} s a process that exits"
+            f" at once needs to fail crash_limit ({limit}) times, so the crash-loop guard could never trip;"
+            f" set at least {math.ceil(needed)}"
+        )
 
 
 def split_host_port(value: Any, what: str) -> tuple[str, int]:
@@ -196,4 +242,7 @@ start_seconds: 1               # up this long (or listening) counts as started
 log_max_bytes: 10485760        # rotate a process log at this size
 log_backups: 3                 # rotated copies kept
 metrics_address: 127.0.0.1:9741   # Prometheus metrics over plain HTTP; "off" disables
+crash_limit: 10                # this many failures within the window end in FATAL
+crash_window_seconds: 180      # at least what a process that exits at once needs to fail crash_limit times
+# node_user: quilnode          # run node processes as this user (needs the agent to run as root)
 """

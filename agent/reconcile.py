@@ -30,7 +30,7 @@ from ..common.errors import ConfigError
 from ..common.states import ALIVE_STATES, State
 from ..common.files import write_atomic
 from .config import AgentConfig
-from . import hostinfo
+from . import hostinfo, runas
 from .firewalling import FirewallManager
 from .logs import log_file
 from .supervisor import ProcessSpec, Supervisor
@@ -110,6 +110,8 @@ class Reconciler:
         self.host_name = "HOST"
         # Set once the agent shuts down, so a control request still queued for the lock does nothing.
         self.closed = False
+        # None: node processes run as the agent's user. load() already validated node_user.
+        self.run_as = runas.resolve(config.node_user, "agent.yaml")
 
     # -- entry points ----------------------------------------------------------
 
@@ -298,8 +300,11 @@ class Reconciler:
                     f"core {core} would bind {bind}, but this host's worker_address is {own};"
                     " fix the host's address in the coordinator inventory",
                 )
+        # A worker of another user cannot signal the agent, so it would take the agent for dead.
+        # It gets no --parent-process, and the parent-death signal ties it to the agent (runas.py).
+        parent = ("--parent-process", str(os.getpid())) if self.run_as is None else ()
         argv = (str(self.config.node_binary), "--config", str(self.config.node_config_dir),
-                "--core", str(core), "--parent-process", str(os.getpid()), *self.config.node_args)
+                "--core", str(core), *parent, *self.config.node_args)
         return self._spec(core, argv, (str(address.listen.ip), address.listen.port), str(address.listen),
                           tuple(str(b) for b in binds))
 
@@ -312,7 +317,7 @@ class Reconciler:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **self.config.node_env}
         return ProcessSpec(core=core, argv=argv, cwd=self.config.work_dir, env=env,
                            log_path=log_file(self.config.log_dir, core), listen=listen,
-                           listen_multiaddr=listen_text, binds=binds)
+                           listen_multiaddr=listen_text, binds=binds, run_as=self.run_as)
 
     # -- the steps -----------------------------------------------------------------
 
@@ -324,9 +329,9 @@ class Reconciler:
         data = plan.config_text.encode("utf-8")
         if current == data:
             return False
-        self.config.node_config_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._make_node_directories()
         # config.yml carries the node's private keys, so only the owner may read it.
-        write_atomic(self.config_path, data, mode=0o600, backup=current is not None)
+        write_atomic(self.config_path, data, mode=0o600, backup=current is not None, owner=self._node_owner())
         log.info("wrote: %s (sha256 %s)", self.config_path, plan.config_sha256[:12])
         return True
 
@@ -343,8 +348,7 @@ class Reconciler:
         result.stopped = self.supervisor.stop(gone) if gone else []
         if moved:
             self.supervisor.stop(moved)
-        for core in moved + revived + new:
-            self.supervisor.start(wanted[core])
+        self.supervisor.start_all([wanted[core] for core in moved + revived + new])
         result.restarted = moved + revived
         result.started = new
 
@@ -393,10 +397,19 @@ class Reconciler:
                 return False
         except FileNotFoundError:
             pass
-        self.config.node_config_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_atomic(path, data, mode=0o600, backup=path.exists())
+        self._make_node_directories()
+        write_atomic(path, data, mode=0o600, backup=path.exists(), owner=self._node_owner())
         log.info("wrote: %s (%d bytes)", path, len(data))
         return True
+
+    def _make_node_directories(self) -> None:
+        """Create the node config and work directories, owned by node_user when one is set."""
+        runas.give_directory(self.config.node_config_dir, self.run_as)
+        if self.run_as is not None:
+            runas.give_directory(self.config.work_dir, self.run_as)
+
+    def _node_owner(self) -> tuple[int, int] | None:
+        return self.run_as.owner() if self.run_as is not None else None
 
     def _warnings(self, plan: _Plan) -> list[str]:
         ports = [int(bind.rsplit("/", 1)[1]) for spec in plan.specs.values() for bind in spec.binds]

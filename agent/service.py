@@ -31,7 +31,7 @@ from .control import Controller, CoreResult
 from .identity import AgentIdentity, InstallError
 from .probe import ProbeError, probe_all
 from .reconcile import CONTROL, MAX_CORES, Reconciler, RequestError, generation_name
-from .supervisor import Policy, ProcessInfo, Supervisor, stop_leftovers
+from .supervisor import ProcessInfo, Supervisor, stop_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -392,8 +392,7 @@ def build_server(config: AgentConfig) -> Agent:
         raise ConfigError(f"cannot listen on {config.listen} ({err}); is another agent running there?") from err
 
     # 3. leftovers
-    policy = Policy(start_seconds=config.start_seconds, stop_grace_seconds=config.stop_grace_seconds,
-                    log_max_bytes=config.log_max_bytes, log_backups=config.log_backups)
+    policy = config.supervisor_policy()
     table = config.state_dir / "processes.json"
     stopped = stop_leftovers(table, policy.stop_grace_seconds)
     if stopped:

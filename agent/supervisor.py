@@ -6,17 +6,26 @@ start confirmation, log rotation). RPC threads call start() and stop(); they
 change the table under the lock and wake the loop through a pipe.
 
 Processes are created by fork+exec only (subprocess with close_fds and no
-preexec_fn, which CPython runs through vfork), so no Python code and no gRPC
-state runs in the child between fork and exec. Each process gets its own
-process group, and stopping signals the whole group: SIGTERM, the grace
-period, then SIGKILL. A process is identified by pid and create time, never
-by name.
+preexec_fn, which CPython 3.11 runs through vfork; the process group is set
+in C by _posixsubprocess), so no Python code and no gRPC state runs in the
+child between fork and exec. Only the loop thread spawns: start() hands the
+spawn to it and waits. That keeps the parent-death signal of processes run
+as another user (runas.py) tied to a thread that lives as long as the
+supervisor. Each process gets its own process group, and stopping signals
+the whole group: SIGTERM, the grace period, then SIGKILL. A process is
+identified by pid and create time, never by name.
+
+Before each spawn the loop checks the process's bind addresses
+(bindcheck.py): an address on no interface keeps it WAITING without
+counting a failure, and a port another process listens on counts as a
+failed start that names that process.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import selectors
@@ -25,7 +34,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -33,13 +42,21 @@ import psutil
 
 from ..common.states import ALIVE_STATES, State
 from ..common.files import write_atomic
-from . import listeners
+from . import bindcheck, listeners
+from .runas import RunAs
 
 log = logging.getLogger(__name__)
 
 # Environment variable set in every node process the agent starts; its value
 # is the agent's instance id, so a later run can tell its own processes apart.
 MARKER_ENV = "QUIL_CLUSTER_AGENT_INSTANCE"
+# Seconds start() waits for the loop thread to launch a process.
+START_HANDOFF_SECONDS = 10.0
+# Seconds a snapshot() call waits for a concurrent call's reading before reading alone.
+SNAPSHOT_WAIT_SECONDS = 30.0
+# Seconds between checks whether a STARTING process listens yet. Each check reads
+# /proc/net/tcp and tcp6, which takes tens of milliseconds on a busy host.
+STARTING_POLL_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -53,12 +70,29 @@ class Policy:
     backoff_cap: float = 30.0
     # Seconds of RUNNING after which earlier failures no longer raise the backoff.
     stable_seconds: float = 10.0
-    # This many unexpected exits within the window end in FATAL; it cannot be disabled.
+    # This many failures (unexpected exits, failed spawns, held ports) within
+    # crash_window seconds end in FATAL. __post_init__ rejects values that
+    # would turn the guard off, so it cannot be disabled.
     crash_limit: int = 10
-    crash_window: float = 60.0
+    crash_window: float = 180.0
     # Log rotation: size limit in bytes and rotated copies kept.
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = 3
+    # Seconds between size checks of live logs.
+    log_check_seconds: float = 10.0
+    # Seconds between reads of the interface addresses while a process is WAITING.
+    address_poll_seconds: float = 0.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.crash_limit, bool) or not isinstance(self.crash_limit, int) or self.crash_limit < 2:
+            raise ValueError(f"crash_limit must be an integer of at least 2, not {self.crash_limit!r}")
+        needed = min_crash_window(self.crash_limit, self)
+        if not self.crash_window >= needed:
+            raise ValueError(
+                f"crash_window {self.crash_window} s is shorter than the {needed:.1f} s a process that exits"
+                f" at once needs to fail {self.crash_limit} times, so the crash-loop guard could never trip;"
+                f" use at least {math.ceil(needed)} s"
+            )
 
 
 def backoff_delay(failures: int, policy: Policy, rng: Callable[[], float] = random.random) -> float:
@@ -73,6 +107,18 @@ def backoff_delay(failures: int, policy: Policy, rng: Callable[[], float] = rand
     return delay * (0.8 + 0.4 * rng())
 
 
+def min_crash_window(crash_limit: int, policy: Policy) -> float:
+    """Return the longest time a process that exits at once takes to fail crash_limit times.
+
+    That is the sum of the backoff delays before its restarts, each at the
+    top of its jitter range. A shorter crash window would let such a process
+    restart forever without reaching FATAL.
+    """
+    total = sum(backoff_delay(failures, policy, rng=lambda: 1.0) for failures in range(1, crash_limit))
+    # Rounded so that float error does not reject a window of exactly this length.
+    return round(total, 6)
+
+
 @dataclass(frozen=True)
 class ProcessSpec:
     core: int
@@ -85,6 +131,8 @@ class ProcessSpec:
     listen_multiaddr: str = ""
     # Every multiaddr the process binds; a change means a restart.
     binds: tuple[str, ...] = ()
+    # The user to run as when it is not the agent's own (setpriv; see runas.py).
+    run_as: RunAs | None = None
 
     @property
     def label(self) -> str:
@@ -137,6 +185,11 @@ class _Record:
     crashes: deque[float] = field(default_factory=deque)
     exited: threading.Event = field(default_factory=threading.Event)
     ps: psutil.Process | None = None
+    # Set by start(): the loop thread spawns it on its next pass, then sets `launched`.
+    pending: bool = True
+    launched: threading.Event = field(default_factory=threading.Event)
+    # The spawn that WAITING holds back is a restart.
+    relaunch: bool = False
 
     @property
     def pid(self) -> int:
@@ -159,6 +212,10 @@ class Supervisor:
         self._closing = False
         self._table_dirty = False
         self._next_rotation = 0.0
+        self._addresses: set = set()
+        self._addresses_read_at = -math.inf
+        self._snapshot_guard = threading.Lock()
+        self._snapshot_reading: _SharedReading | None = None
         self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
 
     # -- public API, called from RPC threads -------------------------------
@@ -174,16 +231,39 @@ class Supervisor:
         with self._lock:
             return {core: rec.state for core, rec in self._records.items()}
 
-    def start(self, spec: ProcessSpec) -> None:
-        """Add spec to the table and spawn it now; a running process of that core is an error."""
+    def running_pids(self) -> dict[int, int]:
+        """Return the pid of each RUNNING process by core, without reading /proc as snapshot() does."""
         with self._lock:
-            current = self._records.get(spec.core)
-            if current is not None and current.state in ALIVE_STATES:
-                raise RuntimeError(f"{spec.label} is already running (pid {current.pid})")
-            record = _Record(spec=spec)
-            self._records[spec.core] = record
-            self._spawn(record, restart=False)
+            return {core: rec.pid for core, rec in self._records.items() if rec.state == State.RUNNING}
+
+    def start(self, spec: ProcessSpec) -> None:
+        """Add spec to the table and have the loop thread launch it; a running process of that core is an error."""
+        self.start_all([spec])
+
+    def start_all(self, specs: list[ProcessSpec]) -> None:
+        """Add specs to the table and have the loop thread launch them in one pass.
+
+        Raises RuntimeError, before changing anything, if a process of one of
+        the cores is running. Returns once the loop has spawned each process,
+        or found it must wait (WAITING) or back off (BACKOFF), or after
+        START_HANDOFF_SECONDS per process. Before begin() it returns at once,
+        and the first pass of the loop launches them.
+        """
+        with self._lock:
+            for spec in specs:
+                current = self._records.get(spec.core)
+                if current is not None and current.state in ALIVE_STATES:
+                    raise RuntimeError(f"{spec.label} is already running (pid {current.pid})")
+            records = [_Record(spec=spec) for spec in specs]
+            for record in records:
+                self._records[record.spec.core] = record
         self._wake()
+        if not self._thread.is_alive():
+            return
+        for record in records:
+            if not record.launched.wait(START_HANDOFF_SECONDS):
+                log.warning("start: %s not launched by the supervisor loop after %.0f s; it stays queued",
+                            record.spec.label, START_HANDOFF_SECONDS)
 
     def stop(self, cores: list[int]) -> list[int]:
         """Stop the given cores: SIGTERM to each group, the grace period, then SIGKILL.
@@ -209,9 +289,45 @@ class Supervisor:
         return sorted(r.spec.core for r in alive if r.exited.is_set())
 
     def snapshot(self) -> list[ProcessInfo]:
-        table = listeners.listening()
+        """Return the status of every process.
+
+        Concurrent callers share one reading: a call that arrives while
+        another one reads /proc waits for that result (taken at most one
+        reading earlier) instead of reading again. With hundreds of workers
+        one reading takes a noticeable share of a core.
+        """
+        with self._snapshot_guard:
+            reading = self._snapshot_reading
+            leader = reading is None
+            if leader:
+                reading = self._snapshot_reading = _SharedReading()
+        assert reading is not None
+        if not leader:
+            if reading.done.wait(SNAPSHOT_WAIT_SECONDS) and reading.result is not None:
+                return [replace(info) for info in reading.result]
+            return self._read_snapshot()  # the leader failed or is stuck; read alone
+        try:
+            reading.result = self._read_snapshot()
+        finally:
+            with self._snapshot_guard:
+                self._snapshot_reading = None
+            reading.done.set()
+        return [replace(info) for info in reading.result]
+
+    def _read_snapshot(self) -> list[ProcessInfo]:
+        """Copy the table under the lock, then read CPU, memory and sockets from /proc without it.
+
+        So status calls never hold up the loop thread's restarts.
+        """
+        by_inode = listeners.listening_by_inode()
+        table = set(by_inode.values())
         with self._lock:
-            return [self._info(rec, table) for _, rec in sorted(self._records.items())]
+            copied = [(self._info(rec, table), rec.ps if rec.state in ALIVE_STATES else None)
+                      for _, rec in sorted(self._records.items())]
+        for info, ps in copied:
+            if ps is not None:
+                _add_usage(info, ps, by_inode)
+        return [info for info, _ in copied]
 
     def progress(self, core: int) -> Progress | None:
         """Return where core's process is in its lifecycle, or None when core is not in the table.
@@ -247,14 +363,54 @@ class Supervisor:
 
     # -- spawning and stopping ---------------------------------------------
 
+    def _launch(self, record: _Record, now: float, restart: bool, table: _ListenTable) -> None:
+        """Spawn record's process unless its address is missing (WAITING) or its port is held (BACKOFF)."""
+        spec = record.spec
+        endpoints = bindcheck.bind_endpoints(spec.binds, spec.listen)
+        # 1. Every bind address on an interface, or wait for it without counting a failure.
+        missing: list = []
+        if any(bindcheck.needs_interface(ip) for ip, _ in endpoints):
+            missing = bindcheck.missing_addresses(endpoints, self._local_addresses(now))
+        if missing:
+            record.relaunch = record.relaunch or restart
+            if record.state != State.WAITING:
+                # STOPPED/BACKOFF -> WAITING
+                record.state = State.WAITING
+                text = ", ".join(str(ip) for ip in missing)
+                record.detail = f"waiting for address {text} to appear on an interface"
+                log.info("waiting: %s (address %s is on no interface; starting when it appears)", spec.label, text)
+            return
+        if record.state == State.WAITING:
+            log.info("address up: %s; starting", spec.label)
+        # 2. No other process listening on a bind port, or a failed start that names it.
+        held_reason = bindcheck.held_port(endpoints, table.get()) if endpoints else None
+        if held_reason is not None:
+            # WAITING/STOPPED/BACKOFF -> BACKOFF (or FATAL)
+            record.state = State.BACKOFF
+            record.relaunch = record.relaunch or restart
+            self._record_failure(record, held_reason, event="not started")
+            return
+        # 3. Spawn.
+        self._spawn(record, restart or record.relaunch)
+        record.relaunch = False
+
+    def _local_addresses(self, now: float) -> set:
+        """Return the interface addresses, read again when the last read is address_poll_seconds old."""
+        if now >= self._addresses_read_at + self.policy.address_poll_seconds:
+            self._addresses = bindcheck.local_addresses()
+            self._addresses_read_at = now
+        return self._addresses
+
     def _spawn(self, record: _Record, restart: bool) -> None:
         spec = record.spec
         env = dict(spec.env, **{MARKER_ENV: self._instance_id})
+        argv = spec.argv if spec.run_as is None else spec.run_as.wrap(spec.argv)
         try:
             self._rotate_if_large(spec.log_path)
             with open(spec.log_path, "ab") as output:
+                # fork+exec only: no preexec_fn, and the process group is set in C.
                 record.popen = subprocess.Popen(
-                    spec.argv, cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL, stdout=output,
+                    argv, cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL, stdout=output,
                     stderr=subprocess.STDOUT, close_fds=True, process_group=0,
                 )
         except OSError as err:
@@ -298,6 +454,9 @@ class Supervisor:
                 if record is None:
                     continue
                 record.desired = False
+                # A launch still queued for the loop is dropped, and its start() caller released.
+                record.pending = False
+                record.launched.set()
                 if record.state in ALIVE_STATES and record.popen is not None:
                     record.state = State.STOPPING
                     _signal_group(record.popen.pid, signal.SIGTERM)
@@ -349,6 +508,11 @@ class Supervisor:
 
     def _on_exit(self, record: _Record) -> None:
         assert record.popen is not None
+        if record.state != State.STOPPING and record.desired:
+            # An unexpected exit: end what is left of its process group, so no child of the
+            # old process keeps the port or runs next to the restarted one. The pid, and with
+            # it the group id, stays allocated until poll() below reaps the exited leader.
+            _signal_group(record.popen.pid, signal.SIGKILL)
         code = record.popen.poll()
         if code is None:
             return
@@ -367,7 +531,7 @@ class Supervisor:
             self._record_failure(record, f"exit status {code}")
         record.exited.set()
 
-    def _record_failure(self, record: _Record, reason: str) -> None:
+    def _record_failure(self, record: _Record, reason: str, event: str = "exited") -> None:
         now = time.monotonic()
         record.crashes.append(now)
         while record.crashes and record.crashes[0] < now - self.policy.crash_window:
@@ -384,28 +548,39 @@ class Supervisor:
         delay = backoff_delay(record.failures_in_row, self.policy)
         record.next_start = now + delay
         record.detail = f"{reason}; restarting in {delay:.1f} s"
-        log.warning("exited: %s (%s; not expected, restarting in %.1f s)", record.spec.label, reason, delay)
+        if event == "exited":
+            log.warning("exited: %s (%s; not expected, restarting in %.1f s)", record.spec.label, reason, delay)
+        else:
+            log.warning("%s: %s (%s; retrying in %.1f s)", event, record.spec.label, reason, delay)
 
     def _run_timers(self, now: float) -> float | None:
         """Act on due timers; return seconds until the next one (None: no timer)."""
         waits: list[float] = []
-        table: set[tuple[str, int]] | None = None
+        table = _ListenTable()
         for record in list(self._records.values()):
+            # At most one launch per process and pass, so a failed launch is retried
+            # on a later pass, after its backoff, never twice in one pass.
+            if record.pending:
+                record.pending = False
+                if record.desired:
+                    self._launch(record, now, restart=False, table=table)
+                record.launched.set()
+            elif record.state == State.BACKOFF and record.desired and now >= record.next_start:
+                self._launch(record, now, restart=True, table=table)
+            elif record.state == State.WAITING and record.desired:
+                self._launch(record, now, restart=False, table=table)
+            # Still BACKOFF: not due yet, or the launch failed and set a new next_start.
             if record.state == State.BACKOFF and record.desired:
-                if now >= record.next_start:
-                    self._spawn(record, restart=True)
-                # Still BACKOFF: not due yet, or the spawn failed and set a new next_start.
-                if record.state == State.BACKOFF:
-                    waits.append(max(0.0, record.next_start - now))
+                waits.append(max(0.0, record.next_start - now))
+            if record.state == State.WAITING and record.desired:
+                waits.append(self._addresses_read_at + self.policy.address_poll_seconds - now)
             if record.state == State.STARTING:
-                if table is None and record.spec.listen is not None:
-                    table = listeners.listening()
-                if self._started(record, now, table):
+                if self._started(record, now, table.get() if record.spec.listen is not None else None):
                     # STARTING -> RUNNING
                     record.state = State.RUNNING
                     log.info("running: %s (pid %d)", record.spec.label, record.pid)
                 else:
-                    waits.append(0.05)
+                    waits.append(STARTING_POLL_SECONDS)
             if record.state == State.RUNNING and record.failures_in_row:
                 stable_at = record.start_mono + self.policy.stable_seconds
                 if now >= stable_at:
@@ -426,28 +601,20 @@ class Supervisor:
     # -- status, logs and the persisted table -------------------------------
 
     def _info(self, record: _Record, table: set[tuple[str, int]]) -> ProcessInfo:
-        cpu, rss, sockets = 0.0, 0, []
-        if record.ps is not None and record.state in ALIVE_STATES:
-            try:
-                with record.ps.oneshot():
-                    cpu = record.ps.cpu_percent(None)
-                    rss = record.ps.memory_info().rss
-                sockets = _listen_sockets(record.ps)
-            except psutil.Error:
-                pass
+        """Return record's status without CPU, memory and sockets, which _add_usage fills in."""
         listen = record.spec.listen
         return ProcessInfo(
             core=record.spec.core, pid=record.pid, state=record.state,
             start_time=record.start_wall if record.state in ALIVE_STATES else 0.0,
-            restarts=record.restarts, last_exit=record.last_exit, cpu_percent=cpu, rss_bytes=rss,
+            restarts=record.restarts, last_exit=record.last_exit, cpu_percent=0.0, rss_bytes=0,
             listen_address=record.spec.listen_multiaddr,
             listening=bool(listen and record.state in ALIVE_STATES and listeners.is_listening(*listen, table)),
-            detail=record.detail, listen_sockets=sockets,
+            detail=record.detail, listen_sockets=[],
         )
 
     def _rotate_logs(self, now: float) -> float:
         if now >= self._next_rotation:
-            self._next_rotation = now + 10.0
+            self._next_rotation = now + self.policy.log_check_seconds
             for record in self._records.values():
                 if record.state in ALIVE_STATES:
                     self._rotate_if_large(record.spec.log_path, truncate=True)
@@ -507,6 +674,26 @@ class Supervisor:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:
             pass  # the pipe is full, so the loop is awake anyway
+
+
+class _SharedReading:
+    """One snapshot reading that concurrent snapshot() callers wait for."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: list[ProcessInfo] | None = None
+
+
+class _ListenTable:
+    """listeners.listening(), read at most once per pass of the loop and only when needed."""
+
+    def __init__(self) -> None:
+        self._table: set[tuple[str, int]] | None = None
+
+    def get(self) -> set[tuple[str, int]]:
+        if self._table is None:
+            self._table = listeners.listening()
+        return self._table
 
 
 def stop_leftovers(table_path: Path, grace: float) -> list[int]:
@@ -595,14 +782,17 @@ def _wait_groups(pgids: set[int], deadline: float) -> set[int]:
     return running
 
 
-def _listen_sockets(process: psutil.Process) -> list[str]:
-    """'ip:port' of the process's listening TCP sockets (its own, not its children's)."""
-    found = set()
-    for conn in process.net_connections("tcp"):
-        if conn.status == psutil.CONN_LISTEN:
-            ip, port = conn.laddr.ip, conn.laddr.port
-            found.add(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}")
-    return sorted(found)
+def _add_usage(info: ProcessInfo, ps: psutil.Process, by_inode: dict[int, tuple[str, int]]) -> None:
+    """Fill in CPU, memory and listening sockets of info's process; leave zeros if it has exited."""
+    # NOTE: the process may exit and be reaped after the table was copied. Then these reads
+    # fail and the zeros stay; a pid reused in that instant would report the new process.
+    try:
+        with ps.oneshot():
+            info.cpu_percent = ps.cpu_percent(None)
+            info.rss_bytes = ps.memory_info().rss
+        info.listen_sockets = listeners.sockets_of(ps.pid, by_inode)
+    except (psutil.Error, OSError):
+        pass
 
 
 def _signal_group(pid: int, sig: int) -> None:

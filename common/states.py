@@ -13,7 +13,10 @@ checks that they agree.
   *        -> STOPPING   asked to stop; SIGTERM sent to its process group
   STOPPING -> STOPPED    exited after the stop request
   EXITED                 exited and not restarted (not in the desired state)
+  STOPPED  -> WAITING    a bind address is on no interface yet (not a failure)
+  BACKOFF  -> WAITING    the same, at a restart
   WAITING  -> STARTING   its bind address appeared on an interface
+  WAITING  -> BACKOFF    the address appeared, but another process holds the port
 """
 
 from __future__ import annotations

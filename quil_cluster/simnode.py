@@ -33,6 +33,10 @@ import yaml
 GENERATIONS = ("1.4", "2.0", "2.1")
 GENERATION_ENV = "QUIL_SIMNODE_GENERATION"
 DIAL_INTERVAL_ENV = "QUIL_SIMNODE_DIAL_INTERVAL"
+# Test modes with no counterpart in the real node: data workers that fail at
+# start (comma-separated core indices), and data workers that ignore SIGTERM ("1").
+FAIL_CORES_ENV = "QUIL_SIMNODE_FAIL_CORES"
+IGNORE_SIGTERM_ENV = "QUIL_SIMNODE_IGNORE_SIGTERM"
 # Release file names such as node-2.1.0.25-linux-amd64 or node-1.4.21-linux-amd64.
 RELEASE_IN_FILE_NAME = re.compile(r"node-([0-9]+)\.([0-9]+)(?:\.[0-9]+)+")
 MULTIADDR = re.compile(r"/(ip4|ip6)/([^/]+)/tcp/([0-9]{1,5})")
@@ -213,6 +217,16 @@ def read_dial_interval(environ) -> float:
         raise NodeExit(ExitStatus.USAGE, f"quil-simnode: invalid {DIAL_INTERVAL_ENV} {text!r};"
                                          " set a positive number of seconds\n")
     return interval
+
+
+def read_fail_cores(environ) -> frozenset[int]:
+    """Return the core indices whose data workers FAIL_CORES_ENV sets to fail at start."""
+    text = environ.get(FAIL_CORES_ENV, "")
+    items = [item.strip() for item in text.split(",")] if text else []
+    if not all(item.isascii() and item.isdigit() for item in items):
+        raise NodeExit(ExitStatus.USAGE, f"quil-simnode: invalid {FAIL_CORES_ENV} {text!r};"
+                                         " set comma-separated core indices such as 3,5\n")
+    return frozenset(int(item) for item in items)
 
 
 class EngineConfig:
@@ -533,6 +547,12 @@ def run(program: str, args: list[str], environ) -> ExitStatus:
     # 5. Any other core index is a data worker. A 1.4/2.0 worker has no signal handler, so
     #    SIGTERM and SIGINT kill it as they kill Go code. A 2.1 worker stops cleanly.
     parent_pid = int(flags["parent-process"])
+    #    The test modes come first: a failing core exits before it binds anything.
+    if core in read_fail_cores(environ):
+        raise log.fatal(f"stand-in test mode: core {core} fails at start ({FAIL_CORES_ENV})")
+    if environ.get(IGNORE_SIGTERM_ENV) == "1":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return run_worker(engine, generation, core, parent_pid, None, log)
     if generation == "2.1":
         return run_worker(engine, generation, core, parent_pid, watch_stop_signals(), log)
     signal.signal(signal.SIGINT, signal.SIG_DFL)

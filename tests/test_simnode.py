@@ -346,6 +346,63 @@ def test_14_worker_dies_of_sigterm(tmp_path, start_node):
     assert node.wait() == -signal.SIGTERM
 
 
+# --- test modes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("generation", ["1.4", "2.1"])
+def test_fail_cores_worker_exits_before_binding(tmp_path, generation):
+    port = free_port("127.0.0.2")
+    address = f"/ip4/127.0.0.2/tcp/{port}"
+    engine = ({"dataWorkerMultiaddrs": [address, address]} if generation == "1.4"
+              else {"dataWorkerP2PMultiaddrs": [address, address], "dataWorkerStreamMultiaddrs": [address, address]})
+    config = write_config(tmp_path / "cfg", engine)
+
+    result = run_node(tmp_path, "--config", str(config), "--core", "2", "--generation", generation,
+                      QUIL_SIMNODE_FAIL_CORES="1, 2")
+
+    assert result.returncode == 1
+    fatal = [record["msg"] for record in log_records(result.stdout + result.stderr) if record["level"] == "fatal"]
+    assert fatal == ["stand-in test mode: core 2 fails at start (QUIL_SIMNODE_FAIL_CORES)"]
+    assert records_with(result.stdout + result.stderr, "data worker listening") == []
+
+
+def test_fail_cores_other_core_runs(tmp_path, start_node):
+    address = f"/ip4/127.0.0.2/tcp/{free_port('127.0.0.2')}"
+    config = write_config(tmp_path / "cfg", {"dataWorkerMultiaddrs": [address]})
+    node = start_node("--config", str(config), "--core", "1", QUIL_SIMNODE_FAIL_CORES="2")
+    node.wait_for("data worker listening")
+
+
+@pytest.mark.parametrize("value", ["two", "1;2", "-1", "1,,2"])
+def test_fail_cores_invalid_list_exits_2(tmp_path, value):
+    config = write_config(tmp_path / "cfg", {"dataWorkerMultiaddrs": []})
+
+    result = run_node(tmp_path, "--config", str(config), "--core", "1", QUIL_SIMNODE_FAIL_CORES=value)
+
+    assert result.returncode == 2
+    assert result.stderr == (f"quil-simnode: invalid QUIL_SIMNODE_FAIL_CORES {value!r};"
+                             " set comma-separated core indices such as 3,5\n")
+
+
+@pytest.mark.parametrize("generation", ["1.4", "2.1"])
+def test_ignore_sigterm_worker_survives_sigterm(tmp_path, start_node, generation):
+    address = f"/ip4/127.0.0.2/tcp/{free_port('127.0.0.2')}"
+    stream = f"/ip4/127.0.0.3/tcp/{free_port('127.0.0.3')}"
+    engine = ({"dataWorkerMultiaddrs": [address]} if generation == "1.4"
+              else {"dataWorkerP2PMultiaddrs": [address], "dataWorkerStreamMultiaddrs": [stream]})
+    config = write_config(tmp_path / "cfg", engine)
+    node = start_node("--config", str(config), "--core", "1", "--generation", generation,
+                      QUIL_SIMNODE_IGNORE_SIGTERM="1")
+    node.wait_for("data worker listening")
+
+    node.process.terminate()
+    time.sleep(0.5)
+
+    assert node.process.poll() is None
+    node.process.kill()
+    assert node.wait() == -signal.SIGKILL
+
+
 # --- data worker, 2.1 ---------------------------------------------------------------------
 
 def test_21_worker_binds_p2p_and_loopback_stream(tmp_path, start_node):

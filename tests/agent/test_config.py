@@ -5,8 +5,12 @@ from __future__ import annotations
 from dataclasses import fields
 from pathlib import Path
 
+import os
+
 import pytest
 import yaml
+
+from quil_cluster.agent import runas
 
 from quil_cluster.agent.config import AgentConfig, TLSFiles, load, sample, split_host_port
 from quil_cluster.common.errors import ConfigError
@@ -161,7 +165,7 @@ INVALID = [
     ("unknown key without close match", MINIMAL + "mtu: 1500\n",
      ": unknown key 'mtu'; known keys: cluster, listen, worker_address, node_binary, node_config_dir,"
      " work_dir, state_dir, tls, node_args, stop_grace_seconds, start_seconds, log_max_bytes, log_backups,"
-     " node_env, metrics_address"),
+     " node_env, metrics_address, node_user, crash_limit, crash_window_seconds"),
     ("duplicate key", MINIMAL + "listen: 127.0.0.1:7351\n",
      ":11: duplicate key 'listen' (first at line 2); remove one of them"),
     ("missing key", MINIMAL.replace("state_dir: state\n", ""), ": missing key 'state_dir'"),
@@ -224,6 +228,30 @@ INVALID = [
      ": metrics_address: 'True' is not HOST:PORT; use e.g. 127.0.0.1:9741, or 'off'"),
     ("metrics address a number", MINIMAL + "metrics_address: 9741\n",
      ": metrics_address: '9741' is not HOST:PORT; use e.g. 127.0.0.1:9741, or 'off'"),
+    ("crash limit 0", MINIMAL + "crash_limit: 0\n", ": 'crash_limit' must be an integer from 2 to 100, not 0"),
+    ("crash limit 1", MINIMAL + "crash_limit: 1\n", ": 'crash_limit' must be an integer from 2 to 100, not 1"),
+    ("crash limit above limit", MINIMAL + "crash_limit: 1000000\n",
+     ": 'crash_limit' must be an integer from 2 to 100, not 1000000"),
+    ("crash limit false", MINIMAL + "crash_limit: false\n",
+     ": 'crash_limit' must be an integer from 2 to 100, not False"),
+    ("crash limit text", MINIMAL + "crash_limit: off\n",
+     ": 'crash_limit' must be an integer from 2 to 100, not False"),
+    ("crash window 0", MINIMAL + "crash_window_seconds: 0\n",
+     ": 'crash_window_seconds' must be a number of seconds up to 86400, not 0"),
+    ("crash window negative", MINIMAL + "crash_window_seconds: -1\n",
+     ": 'crash_window_seconds' must be a number of seconds up to 86400, not -1"),
+    ("crash window infinite", MINIMAL + "crash_window_seconds: .inf\n",
+     ": 'crash_window_seconds' must be a number of seconds up to 86400, not inf"),
+    ("crash window too short", MINIMAL + "crash_window_seconds: 60\n",
+     ": 'crash_window_seconds' 60 is shorter than the 109.8 s a process that exits at once needs to fail"
+     " crash_limit (10) times, so the crash-loop guard could never trip; set at least 110"),
+    ("crash window too short for limit", MINIMAL + "crash_limit: 100\ncrash_window_seconds: 3000\n",
+     ": 'crash_window_seconds' 3000 is shorter than the 3349.8 s a process that exits at once needs to fail"
+     " crash_limit (100) times, so the crash-loop guard could never trip; set at least 3350"),
+    ("node user missing", MINIMAL + "node_user: qc-no-such-user\n",
+     ": node_user 'qc-no-such-user' does not exist on this host; create it (useradd --system qc-no-such-user)"
+     " or remove node_user"),
+    ("node user a number", MINIMAL + "node_user: 65534\n", ": 'node_user' must be a user name, not 65534"),
 ]
 
 
@@ -242,6 +270,64 @@ def test_load_non_utf8_file_raises(tmp_path):
     path = tmp_path / "agent.yaml"
     path.write_bytes(b"cluster: t\xffest\n")
     assert _error(path) == f"{path}: not UTF-8 text: invalid start byte at byte 10"
+
+
+def test_load_crash_guard_settings(tmp_path):
+    config = load(_write(tmp_path, MINIMAL + "crash_limit: 6\ncrash_window_seconds: 9\n"))
+    policy = config.supervisor_policy()
+    assert policy.crash_limit == 6
+    assert policy.crash_window == 9
+
+
+def test_load_default_crash_guard(tmp_path):
+    policy = load(_write(tmp_path, MINIMAL)).supervisor_policy()
+    assert policy.crash_limit == 10
+    assert policy.crash_window == 180.0
+
+
+def test_load_own_user_runs_without_setpriv(tmp_path):
+    import pwd
+    import os
+
+    own = pwd.getpwuid(os.geteuid()).pw_name
+    config = load(_write(tmp_path, MINIMAL + f"node_user: {own}\n"))
+    assert config.node_user == own
+    assert runas.resolve(config.node_user, "agent.yaml") is None
+
+
+def test_load_other_user_without_root_raises(tmp_path, monkeypatch):
+    # An agent of uid 1000: the tests may run as root, which may switch users.
+    monkeypatch.setattr(runas.os, "geteuid", lambda: 1000)
+    path = _write(tmp_path, MINIMAL + "node_user: nobody\n")
+    assert _error(path) == (
+        f"{path}: node_user 'nobody' needs the agent to run as root to switch users (it runs as uid"
+        " 1000); remove node_user or run the agent as root"
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_load_other_user_as_root_wraps_with_setpriv(tmp_path):
+    import pwd
+
+    config = load(_write(tmp_path, MINIMAL + "node_user: nobody\n"))
+    run_as = runas.resolve(config.node_user, "agent.yaml")
+    entry = pwd.getpwnam("nobody")
+    assert run_as is not None
+    assert (run_as.uid, run_as.gid) == (entry.pw_uid, entry.pw_gid)
+    assert run_as.wrap(("/opt/node", "--core", "1")) == (
+        run_as.setpriv, "--reuid", str(entry.pw_uid), "--regid", str(entry.pw_gid), "--init-groups",
+        "--no-new-privs", "--pdeathsig", "KILL", "--", "/opt/node", "--core", "1",
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_load_other_user_without_setpriv_raises(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    path = _write(tmp_path, MINIMAL + "node_user: nobody\n")
+    assert _error(path) == (
+        f"{path}: node_user 'nobody' needs the setpriv program, which is not on PATH;"
+        " install util-linux 2.33 or later"
+    )
 
 
 def test_config_error_is_value_error():
@@ -294,7 +380,7 @@ def test_sample_default_cluster(tmp_path):
 
 
 @pytest.mark.parametrize("key", ["node_args", "stop_grace_seconds", "start_seconds", "log_max_bytes", "log_backups",
-                                 "metrics_address"])
+                                 "metrics_address", "crash_limit", "crash_window_seconds"])
 def test_sample_matches_defaults(tmp_path, key):
     config = load(_write_sample(tmp_path, sample()))
     default = next(f.default for f in fields(AgentConfig) if f.name == key)

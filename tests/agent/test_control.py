@@ -197,7 +197,7 @@ def test_start_or_restart_clears_fatal(running_agent, verb):
         stub = running_agent.client()
         stub.Apply(_apply_request(base, [1, 2], False), timeout=TIMEOUT)
         fatal = _wait_state(stub, 2, pb.PROCESS_STATE_FATAL)
-        assert fatal.detail.startswith("3 failures in 60 s, last: exit status 2;")
+        assert fatal.detail.startswith("3 failures in 180 s, last: exit status 2;")
     finally:
         blocker.close()
     [result] = _control(stub, verb, [2])

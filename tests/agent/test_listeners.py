@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import sys
 
 import pytest
 
-from quil_cluster.agent.listeners import _decode, is_listening, listening
+from quil_cluster.agent.listeners import _decode, is_listening, listening, listening_by_inode, sockets_of
 
 # Loopback address of these tests; other test files use other 127.0.0.x addresses.
 ADDRESS = "127.0.0.62"
@@ -151,3 +153,32 @@ def test_is_listening_finds_real_listener(listener):
 def test_is_listening_invalid_ip_raises():
     with pytest.raises(ValueError):
         is_listening("node.example", 7350, set())
+
+
+# -- listening_by_inode() and sockets_of() ------------------------------------------------
+
+
+def test_sockets_of_lists_own_listener(listener):
+    port = listener.getsockname()[1]
+    assert f"{ADDRESS}:{port}" in sockets_of(os.getpid(), listening_by_inode())
+
+
+def test_listening_by_inode_matches_socket_inode(listener):
+    inode = os.fstat(listener.fileno()).st_ino
+    assert listening_by_inode()[inode] == (ADDRESS, listener.getsockname()[1])
+
+
+def test_sockets_of_skips_other_process_listener(listener):
+    child = subprocess.Popen(["/bin/sleep", "1000"], close_fds=True)
+    try:
+        assert sockets_of(child.pid, listening_by_inode()) == []
+    finally:
+        child.kill()
+        child.wait(10)
+
+
+def test_sockets_of_exited_process_raises():
+    child = subprocess.Popen(["/bin/true"])
+    child.wait(10)
+    with pytest.raises(FileNotFoundError):
+        sockets_of(child.pid, {})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,6 +20,7 @@ import psutil
 import pytest
 from helpers import free_port_range
 
+from quil_cluster.agent import bindcheck, listeners
 from quil_cluster.agent import supervisor as supervisor_module
 from quil_cluster.agent.supervisor import (
     MARKER_ENV, Policy, ProcessInfo, ProcessSpec, Supervisor, backoff_delay, stop_leftovers,
@@ -32,7 +35,7 @@ LISTEN_ADDRESS = "127.0.0.61"
 DEADLINE = 10.0
 POLICY = Policy(start_seconds=0.2, stop_grace_seconds=1, crash_limit=3, crash_window=60, backoff_base=0.05)
 # The second exit in a row waits 20 s (16 to 24 s with jitter), so the process stays in BACKOFF.
-LONG_BACKOFF = dataclasses.replace(POLICY, backoff_base=20, backoff_cap=100, crash_limit=10)
+LONG_BACKOFF = dataclasses.replace(POLICY, backoff_base=20, backoff_cap=100, crash_limit=10, crash_window=1000)
 FATAL_DETAIL = "3 failures in 60 s, last: exit status 3; fix the cause, then apply again"
 
 EXIT_3 = ("/bin/sh", "-c", "exit 3")
@@ -201,8 +204,8 @@ def test_backoff_delay_random_jitter_bounded():
 # -- restarts and crash loops ---------------------------------------------------
 
 
-def test_start_is_starting_before_loop_runs(make_supervisor, tmp_path):
-    supervisor = make_supervisor(begin=False)
+def test_start_returns_after_spawn(make_supervisor, tmp_path):
+    supervisor = make_supervisor(dataclasses.replace(POLICY, start_seconds=30))
     supervisor.start(_spec(tmp_path, SLEEP))
     info = _info(supervisor, 1)
     assert info.state == State.STARTING
@@ -210,11 +213,41 @@ def test_start_is_starting_before_loop_runs(make_supervisor, tmp_path):
     assert info.restarts == 0
 
 
-def test_restart_backs_off_after_crash(make_supervisor, tmp_path, info_logs):
-    supervisor = make_supervisor(LONG_BACKOFF, begin=False)
-    supervisor.start(_spec(tmp_path, EXIT_3))
-    assert _info(supervisor, 1).state == State.STARTING
+def test_start_before_begin_queues_launch(make_supervisor, tmp_path):
+    supervisor = make_supervisor(begin=False)
+    supervisor.start(_spec(tmp_path, SLEEP))
+    queued = _info(supervisor, 1)
+    assert queued.state == State.STOPPED
+    assert queued.pid == 0
     supervisor.begin()
+    info = _wait_state(supervisor, 1, State.RUNNING)
+    assert info.pid > 0
+    assert info.restarts == 0
+
+
+def test_spawn_runs_on_loop_thread_without_preexec(make_supervisor, tmp_path, monkeypatch):
+    calls: list[tuple[str, dict]] = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(*args, **kwargs):
+        calls.append((threading.current_thread().name, kwargs))
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(supervisor_module.subprocess, "Popen", recording_popen)
+    supervisor = make_supervisor()
+    supervisor.start(_spec(tmp_path, SLEEP))
+    os.kill(_wait_state(supervisor, 1, State.RUNNING).pid, signal.SIGKILL)
+    _wait_info(supervisor, 1, lambda i: i.state == State.RUNNING and i.restarts == 1, "restart")
+    assert [thread for thread, _ in calls] == ["supervisor", "supervisor"]
+    for _, kwargs in calls:
+        assert "preexec_fn" not in kwargs
+        assert kwargs["close_fds"] is True
+        assert kwargs["process_group"] == 0
+
+
+def test_restart_backs_off_after_crash(make_supervisor, tmp_path, info_logs):
+    supervisor = make_supervisor(LONG_BACKOFF)
+    supervisor.start(_spec(tmp_path, EXIT_3))
     info = _wait_info(supervisor, 1, lambda i: i.state == State.BACKOFF and i.restarts == 1, "second exit")
     assert info.last_exit == 3
     assert info.pid == 0
@@ -276,14 +309,19 @@ def test_sigkill_while_running_restarts_once(supervisor, tmp_path):
     assert info.pid > 0
 
 
-def test_spawn_missing_binary_backs_off(make_supervisor, tmp_path):
-    supervisor = make_supervisor(begin=False)
+def test_spawn_missing_binary_backs_off(make_supervisor, tmp_path, info_logs):
+    supervisor = make_supervisor(LONG_BACKOFF)
     supervisor.start(_spec(tmp_path, (str(tmp_path / "missing-node"),)))
+    _wait_for(lambda: len(_messages(info_logs, logging.WARNING)) == 2, "second failed spawn")
     info = _info(supervisor, 1)
     assert info.state == State.BACKOFF
-    assert info.detail == "spawn failed: No such file or directory; restarting in 0.0 s"
+    assert info.detail.startswith("spawn failed: No such file or directory; restarting in ")
     assert info.pid == 0
     assert info.last_exit is None
+    assert info.restarts == 0
+    assert _messages(info_logs, logging.WARNING)[0] == (
+        "exited: worker core=1 (spawn failed: No such file or directory; not expected, restarting in 0.0 s)"
+    )
 
 
 def test_spawn_missing_binary_ends_fatal(make_supervisor, tmp_path):
@@ -721,15 +759,12 @@ def test_restart_rotates_log_keeping_backups(make_supervisor, tmp_path):
 
 
 def test_running_process_log_rotates(make_supervisor, tmp_path):
-    supervisor = make_supervisor(dataclasses.replace(POLICY, log_max_bytes=4096), begin=False)
+    supervisor = make_supervisor(dataclasses.replace(POLICY, log_max_bytes=4096, log_check_seconds=0.2))
     noisy = (sys.executable, "-c", "import sys, time\nsys.stdout.write('x' * 100000)\nsys.stdout.flush()\n"
              "time.sleep(1000)\n")
     log_path = tmp_path / "core-1.log"
     rotated = tmp_path / "core-1.log.1"
     supervisor.start(_spec(tmp_path, noisy))
-    _wait_for(lambda: log_path.stat().st_size == 100000, "output written")
-    # The loop checks live logs on its first pass, then every 10 s.
-    supervisor.begin()
     # The copy is written before the live file is truncated, so an empty live file means done.
     _wait_for(lambda: rotated.exists() and log_path.stat().st_size == 0, "core-1.log rotated")
     assert rotated.read_bytes() == b"x" * 100000
@@ -737,7 +772,7 @@ def test_running_process_log_rotates(make_supervisor, tmp_path):
 
 
 def test_rotated_live_log_keeps_appending(make_supervisor, tmp_path):
-    supervisor = make_supervisor(dataclasses.replace(POLICY, log_max_bytes=4096), begin=False)
+    supervisor = make_supervisor(dataclasses.replace(POLICY, log_max_bytes=4096, log_check_seconds=0.2))
     go_file = tmp_path / "go"
     # Writes 100000 bytes, then one line more once the test creates the file "go".
     noisy = (sys.executable, "-c",
@@ -746,8 +781,6 @@ def test_rotated_live_log_keeps_appending(make_supervisor, tmp_path):
              "print('after rotation', flush=True)\ntime.sleep(1000)\n", str(go_file))
     log_path = tmp_path / "core-1.log"
     supervisor.start(_spec(tmp_path, noisy))
-    _wait_for(lambda: log_path.stat().st_size == 100000, "output written")
-    supervisor.begin()
     _wait_for(lambda: (tmp_path / "core-1.log.1").exists() and log_path.stat().st_size == 0, "core-1.log rotated")
     go_file.touch()
     _wait_for(lambda: log_path.stat().st_size > 0, "line after rotation")
@@ -755,21 +788,21 @@ def test_rotated_live_log_keeps_appending(make_supervisor, tmp_path):
 
 
 def test_failed_rotation_keeps_loop_running(make_supervisor, tmp_path, caplog):
-    supervisor = make_supervisor(dataclasses.replace(POLICY, log_max_bytes=4096, log_backups=1), begin=False)
+    policy = dataclasses.replace(POLICY, log_max_bytes=4096, log_backups=1, log_check_seconds=0.2)
+    supervisor = make_supervisor(policy)
     noisy = (sys.executable, "-c", "import sys, time\nsys.stdout.write('x' * 10000)\nsys.stdout.flush()\n"
              "time.sleep(1000)\n")
     log_path = tmp_path / "core-1.log"
+    failed = f"log rotation failed: {log_path} ("
     # A directory where the rotated copy belongs makes the copy fail.
     (tmp_path / "core-1.log.1").mkdir()
-    supervisor.start(_spec(tmp_path, noisy))
-    _wait_for(lambda: log_path.stat().st_size == 10000, "output written")
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        supervisor.begin()
+        supervisor.start(_spec(tmp_path, noisy))
+        _wait_for(lambda: any(m.startswith(failed) for m in _messages(caplog)), "failed rotation of the live log")
         first = _wait_state(supervisor, 1, State.RUNNING)
         os.kill(first.pid, signal.SIGKILL)
         info = _wait_info(supervisor, 1, lambda i: i.state == State.RUNNING and i.restarts == 1, "restart")
     assert info.last_exit == -9
-    assert any(message.startswith(f"log rotation failed: {log_path} (") for message in _messages(caplog))
 
 
 def test_failed_table_write_keeps_loop_running(make_supervisor, tmp_path, caplog):
@@ -784,3 +817,251 @@ def test_failed_table_write_keeps_loop_running(make_supervisor, tmp_path, caplog
     assert info.last_exit == -9
     table = tmp_path / "processes.json"
     assert any(message.startswith(f"process table write failed: {table} (") for message in _messages(caplog))
+
+
+# -- WAITING: bind address on no interface ------------------------------------------
+
+# Documentation range (192.0.2.0/24): never assigned to an interface here.
+ABSENT_ADDRESS = "192.0.2.1"
+
+
+def _absent_spec(directory: Path, argv: tuple[str, ...] = SLEEP) -> ProcessSpec:
+    return _spec(directory, argv, listen=(ABSENT_ADDRESS, 41000), binds=(f"/ip4/{ABSENT_ADDRESS}/tcp/41000",))
+
+
+@pytest.fixture
+def extra_addresses(monkeypatch) -> set:
+    """Addresses that bindcheck.local_addresses() returns in addition to the real ones."""
+    added: set = set()
+    real = bindcheck.local_addresses
+    monkeypatch.setattr(bindcheck, "local_addresses", lambda: real() | added)
+    return added
+
+
+def test_missing_address_waits_without_failure(supervisor, tmp_path, info_logs):
+    supervisor.start(_absent_spec(tmp_path))
+    info = _info(supervisor, 1)
+    assert info.state == State.WAITING
+    assert info.detail == f"waiting for address {ABSENT_ADDRESS} to appear on an interface"
+    assert info.pid == 0
+    # Several address polls (every 0.5 s) and far more than POLICY's crash loop needs.
+    time.sleep(1.5)
+    info = _info(supervisor, 1)
+    assert info.state == State.WAITING
+    assert info.restarts == 0
+    assert info.last_exit is None
+    assert _messages(info_logs) == [
+        f"waiting: worker core=1 (address {ABSENT_ADDRESS} is on no interface; starting when it appears)"
+    ]
+    assert supervisor.stop([1]) == []
+    assert supervisor.states() == {}
+
+
+def test_waiting_process_starts_when_address_appears(supervisor, tmp_path, extra_addresses, info_logs):
+    supervisor.start(_absent_spec(tmp_path))
+    assert _info(supervisor, 1).state == State.WAITING
+    extra_addresses.add(ipaddress.ip_address(ABSENT_ADDRESS))
+    info = _wait_state(supervisor, 1, State.RUNNING)
+    assert info.restarts == 0
+    assert info.detail == ""
+    assert "address up: worker core=1; starting" in _messages(info_logs)
+
+
+def test_crashed_process_waits_for_lost_address(supervisor, tmp_path, extra_addresses):
+    address = ipaddress.ip_address(ABSENT_ADDRESS)
+    extra_addresses.add(address)
+    supervisor.start(_absent_spec(tmp_path))
+    first = _wait_state(supervisor, 1, State.RUNNING)
+    extra_addresses.discard(address)
+    # Make the next read of the interface addresses see the loss at once.
+    time.sleep(POLICY.address_poll_seconds)
+    os.kill(first.pid, signal.SIGKILL)
+    waiting = _wait_state(supervisor, 1, State.WAITING)
+    assert waiting.last_exit == -9
+    assert waiting.restarts == 0
+    extra_addresses.add(address)
+    info = _wait_state(supervisor, 1, State.RUNNING)
+    assert info.restarts == 1
+    assert info.pid != first.pid
+
+
+def test_wildcard_and_loopback_never_wait(supervisor, tmp_path):
+    port = free_port_range(["0.0.0.0", "127.77.0.1"], 3)
+    for core, address in ((1, "/ip4/0.0.0.0"), (2, "/ip4/127.77.0.1"), (3, "/ip6/::")):
+        ip = address.split("/")[2]
+        supervisor.start(_spec(tmp_path, SLEEP, core=core, listen=(ip, port + core),
+                               binds=(f"{address}/tcp/{port + core}",)))
+    for core in (1, 2, 3):
+        assert _info(supervisor, core).state in (State.STARTING, State.RUNNING)
+
+
+# -- held ports ------------------------------------------------------------------------
+
+FOREIGN_LISTENER = (
+    "import socket, sys, time\n"
+    "server = socket.socket()\n"
+    "server.bind((sys.argv[1], int(sys.argv[2])))\n"
+    "server.listen()\n"
+    "time.sleep(1000)\n"
+)
+
+
+def _foreign_listener(directory: Path, address: str, port: int) -> subprocess.Popen[bytes]:
+    """Start a process the supervisor did not start, listening on address:port."""
+    script = directory / "listener.py"
+    script.write_text(FOREIGN_LISTENER)
+    proc = subprocess.Popen([sys.executable, str(script), address, str(port)], process_group=0)
+    _wait_for(lambda: listeners.is_listening(address, port, listeners.listening()), f"listener on {address}:{port}")
+    return proc
+
+
+def _held_reason(proc: subprocess.Popen[bytes], address: str, port: int) -> str:
+    command = " ".join(proc.args)
+    if len(command) > bindcheck.MAX_COMMAND_CHARS:
+        command = command[: bindcheck.MAX_COMMAND_CHARS - 3] + "..."
+    return f"port {address}:{port} is already in use by pid {proc.pid} ({command}); stop that process or free the port"
+
+
+@pytest.mark.parametrize("foreign_address", [LISTEN_ADDRESS, "0.0.0.0"], ids=["same-address", "wildcard"])
+def test_held_port_reported_and_ends_fatal(supervisor, tmp_path, info_logs, foreign_address):
+    port = free_port_range([LISTEN_ADDRESS, "0.0.0.0"], 1)
+    foreign = _foreign_listener(tmp_path, foreign_address, port)
+    try:
+        supervisor.start(_spec(tmp_path, SLEEP, listen=(LISTEN_ADDRESS, port),
+                               binds=(f"/ip4/{LISTEN_ADDRESS}/tcp/{port}",)))
+        info = _wait_state(supervisor, 1, State.FATAL)
+        reason = _held_reason(foreign, LISTEN_ADDRESS, port)
+        assert info.detail == f"3 failures in 60 s, last: {reason}; fix the cause, then apply again"
+        assert info.pid == 0
+        assert info.restarts == 0
+        # Not the agent's process: reported, never signalled.
+        assert foreign.poll() is None
+        warnings = _messages(info_logs, logging.WARNING)
+        assert warnings[0] == f"not started: worker core=1 ({reason}; retrying in 0.0 s)"
+        assert len(warnings) == 2
+        assert [m for m in _messages(info_logs) if m.startswith("started: ")] == []
+    finally:
+        _reap(foreign)
+
+
+def test_held_port_freed_starts_process(make_supervisor, tmp_path):
+    supervisor = make_supervisor(dataclasses.replace(POLICY, backoff_base=0.5, crash_limit=10, crash_window=1000))
+    port = free_port_range([LISTEN_ADDRESS], 1)
+    foreign = _foreign_listener(tmp_path, LISTEN_ADDRESS, port)
+    try:
+        supervisor.start(_spec(tmp_path, SLEEP, listen=(LISTEN_ADDRESS, port)))
+        reported = _wait_info(supervisor, 1, lambda i: i.state == State.BACKOFF and "already in use" in i.detail,
+                              "held port reported")
+        assert reported.pid == 0
+    finally:
+        _reap(foreign)
+    info = _wait_state(supervisor, 1, State.RUNNING)
+    assert info.restarts == 1
+    assert info.detail == ""
+
+
+# -- the crash-loop guard cannot be turned off -------------------------------------------
+
+
+def test_min_crash_window_default_policy():
+    # 0 + 0.5 + 1 + 2 + 4 + 8 + 16 + 30 + 30 s of backoff, each at +20 % jitter.
+    assert supervisor_module.min_crash_window(10, Policy()) == pytest.approx(109.8)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"crash_window": 60.0},
+     "crash_window 60.0 s is shorter than the 109.8 s a process that exits at once needs to fail 10 times,"
+     " so the crash-loop guard could never trip; use at least 110 s"),
+    ({"crash_limit": 1}, "crash_limit must be an integer of at least 2, not 1"),
+    ({"crash_limit": 0}, "crash_limit must be an integer of at least 2, not 0"),
+    ({"crash_limit": True}, "crash_limit must be an integer of at least 2, not True"),
+    ({"crash_window": float("nan")},
+     "crash_window nan s is shorter than the 109.8 s a process that exits at once needs to fail 10 times,"
+     " so the crash-loop guard could never trip; use at least 110 s"),
+])
+def test_policy_rejects_disabled_guard(changes, message):
+    with pytest.raises(ValueError) as err:
+        Policy(**changes)
+    assert str(err.value) == message
+
+
+def test_instant_crash_reaches_fatal_with_growing_delays(make_supervisor, tmp_path, info_logs):
+    policy = dataclasses.replace(POLICY, backoff_base=0.05, crash_limit=6, crash_window=10)
+    supervisor = make_supervisor(policy)
+    supervisor.start(_spec(tmp_path, EXIT_3))
+    info = _wait_state(supervisor, 1, State.FATAL)
+    assert info.restarts == 5
+    delays = [float(m.rsplit("restarting in ", 1)[1].removesuffix(" s)"))
+              for m in _messages(info_logs, logging.WARNING)]
+    assert delays[0] == 0.0
+    # 0.05, 0.1, 0.2, 0.4 s with +/-20 % jitter, rounded to 0.1 s in the log line.
+    assert delays == sorted(delays)
+    assert delays[-1] >= 0.3
+    assert len(delays) == 5
+
+
+def test_unexpected_exit_kills_rest_of_group(supervisor, tmp_path):
+    child_pid_file = tmp_path / "child.pid"
+    script = f"/bin/sleep 1000 & echo $! > {shlex.quote(str(child_pid_file))}; wait"
+    supervisor.start(_spec(tmp_path, ("/bin/sh", "-c", script)))
+    leader = _info(supervisor, 1).pid
+    child = _read_pid_file(child_pid_file)
+    create_time = psutil.Process(child).create_time()
+    try:
+        os.kill(leader, signal.SIGKILL)
+        _wait_for(lambda: _is_gone(child, create_time), "the old leader's child killed")
+        info = _wait_info(supervisor, 1, lambda i: i.restarts == 1 and i.pid != leader, "restart")
+        assert info.last_exit == -9
+    finally:
+        _kill_if_alive(child, create_time)
+
+
+# -- snapshot -------------------------------------------------------------------------
+
+
+class _CountingEvent(threading.Event):
+    """An Event that counts the threads that called wait()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiters = 0
+
+    def wait(self, timeout=None):
+        self.waiters += 1
+        return super().wait(timeout)
+
+
+def test_concurrent_snapshots_share_one_reading(supervisor, tmp_path, monkeypatch):
+    supervisor.start(_spec(tmp_path, SLEEP))
+    _wait_state(supervisor, 1, State.RUNNING)
+    real_read = supervisor._read_snapshot
+    entered, release = threading.Event(), threading.Event()
+    readings = []
+
+    def blocking_read():
+        readings.append(1)
+        entered.set()
+        release.wait(DEADLINE)
+        return real_read()
+
+    monkeypatch.setattr(supervisor, "_read_snapshot", blocking_read)
+    results: list[list[ProcessInfo]] = []
+    threads = [threading.Thread(target=lambda: results.append(supervisor.snapshot())) for _ in range(4)]
+    threads[0].start()
+    assert entered.wait(DEADLINE)
+    counting = _CountingEvent()
+    supervisor._snapshot_reading.done = counting
+    for thread in threads[1:]:
+        thread.start()
+    _wait_for(lambda: counting.waiters == 3, "three callers waiting for the shared reading")
+    release.set()
+    for thread in threads:
+        thread.join(DEADLINE)
+    # The leader sets the event when its reading is complete.
+    assert counting.is_set()
+    assert len(readings) == 1
+    assert len(results) == 4
+    assert all(result == results[0] for result in results)
+    assert results[0][0].state == State.RUNNING
+    # Each caller gets its own objects.
+    assert len({id(result[0]) for result in results}) == 4
