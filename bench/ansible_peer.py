@@ -52,6 +52,19 @@ PLAYBOOK = """\
         echo $! > {{ node_dir }}/../control.pid
 """
 
+# Only the config push: a second run with the same file changes nothing.
+PUSH_PLAYBOOK = """\
+- name: push config.yml
+  hosts: fleet
+  gather_facts: false
+  tasks:
+    - name: write config.yml
+      ansible.builtin.copy:
+        src: "{{ config_src }}"
+        dest: "{{ node_dir }}/config.yml"
+        mode: "0600"
+"""
+
 ANSIBLE_CFG = """\
 [defaults]
 host_key_checking = False
@@ -88,6 +101,7 @@ class AnsibleFleet:
         for name in self.names:
             (self.root / "hosts" / name / "node" / ".config").mkdir(parents=True)
         (self.root / "playbook.yml").write_text(PLAYBOOK)
+        (self.root / "push.yml").write_text(PUSH_PLAYBOOK)
         python = self.peers_bin / "python"
         (self.root / "ansible.cfg").write_text(ANSIBLE_CFG.format(python=python, root=self.root))
         self._write_config(1)
@@ -103,16 +117,30 @@ class AnsibleFleet:
         """Run the playbook that adds one worker per host; return its wall-clock seconds."""
         self._write_config(self.workers + 1)
         self._write_inventory()
+        elapsed = self._run("ansible-playbook", "-f", str(forks), str(self.root / "playbook.yml"))
+        self.workers += 1
+        return elapsed
+
+    def push_unchanged(self, forks: int) -> float:
+        """Push the config every host already has; return the seconds of that no-change run."""
+        self._write_inventory()
+        return self._run("ansible-playbook", "-f", str(forks), str(self.root / "push.yml"))
+
+    def status(self, forks: int) -> float:
+        """List every host's node processes with an ad-hoc command; return its seconds."""
+        self._write_inventory()
+        return self._run("ansible", "fleet", "-f", str(forks), "-m", "ansible.builtin.command",
+                         "-a", "pgrep -a -f {{ node_dir }}")
+
+    def _run(self, program: str, *argv: str) -> float:
         env = dict(os.environ, ANSIBLE_CONFIG=str(self.root / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
                    PATH=f"{self.peers_bin}:{os.environ.get('PATH', '')}")
-        command = [str(self.peers_bin / "ansible-playbook"), "-i", str(self.root / "inventory.ini"),
-                   "-f", str(forks), str(self.root / "playbook.yml")]
+        command = [str(self.peers_bin / program), "-i", str(self.root / "inventory.ini"), *argv]
         started = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=self.root)
         elapsed = time.perf_counter() - started
         if done.returncode != 0:
-            raise RuntimeError(f"ansible-playbook exited with {done.returncode}: {done.stdout[-3000:]}")
-        self.workers += 1
+            raise RuntimeError(f"{program} exited with {done.returncode}: {done.stdout[-3000:]}")
         return elapsed
 
     def _write_config(self, workers: int) -> None:

@@ -42,6 +42,8 @@ class Fleet:
         self.processes: list[subprocess.Popen] = []
         self.agent_port = 0
         self.base_port = 0
+        # Agents started by quil-agent join, stopped with the fleet.
+        self.joined: list[subprocess.Popen] = []
 
     # Set-up
 
@@ -86,19 +88,25 @@ class Fleet:
                 raise RuntimeError(f"fleet_host.py exited before its agents were ready; see {self.root}/fleet-*.log")
 
     def stop(self) -> None:
-        for process in self.processes:
+        for process in self.joined + self.processes:
             self.reaper.stop(process, wait=60.0)
         self.processes.clear()
+        self.joined.clear()
 
     # Commands
 
     def coord(self, *argv: str) -> None:
         """Run quil-coord in this process, output hidden; raise on a non-zero exit status."""
+        self.coord_output(*argv)
+
+    def coord_output(self, *argv: str) -> str:
+        """Run quil-coord in this process and return its output; raise on a non-zero exit status."""
         out = io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
             code = cli.main(["--home", str(self.home), *argv])
         if code != 0:
             raise RuntimeError(f"quil-coord {' '.join(argv)} exited with {code}: {out.getvalue()[-2000:]}")
+        return out.getvalue()
 
     def timed(self, *argv: str) -> float:
         """Run quil-coord as its own process, as a person would, and return its wall-clock seconds."""
