@@ -99,7 +99,7 @@ class AnsibleFleet:
         self.base_port = free_base(self.addresses, max_workers, 44000)
         self.reaper.watch_root(self.root)
         for name in self.names:
-            (self.root / "hosts" / name / "node" / ".config").mkdir(parents=True)
+            (self.root / "hosts" / name / "node" / ".config").mkdir(parents=True, exist_ok=True)
         (self.root / "playbook.yml").write_text(PLAYBOOK)
         (self.root / "push.yml").write_text(PUSH_PLAYBOOK)
         python = self.peers_bin / "python"

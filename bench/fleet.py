@@ -49,6 +49,7 @@ class Fleet:
 
     def create(self, max_workers: int) -> None:
         """Write the coordinator home and every host's bundle; ports are checked free on every address."""
+        self.root.mkdir(parents=True, exist_ok=True)
         self.agent_port = free_base(self.addresses, 1, 47350)
         self.base_port = free_base(self.addresses, max_workers, 42000)
         control = self.root / "control-config.yml"
