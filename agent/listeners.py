@@ -7,17 +7,30 @@ which also walks every process's file descriptors to find owners.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import struct
+import threading
+import time
 from pathlib import Path
 
 _LISTEN = "0A"
 _TABLES = (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6))
 
 
+# Seconds a read of the tables serves sockets_of(); a status call asks for every process at once.
+_INODE_TABLE_MAX_AGE = 0.5
+_inode_cache: tuple[float, dict[int, tuple[str, int]]] = (float("-inf"), {})
+_inode_lock = threading.Lock()
+
+
 def listening() -> set[tuple[str, int]]:
     """Return (ip, port) of every listening TCP socket; ip in its compressed form."""
-    found: set[tuple[str, int]] = set()
+    return set(_listening_by_inode().values())
+
+
+def _listening_by_inode() -> dict[int, tuple[str, int]]:
+    found: dict[int, tuple[str, int]] = {}
     for table, family in _TABLES:
         try:
             lines = Path(table).read_text().splitlines()[1:]
@@ -25,9 +38,50 @@ def listening() -> set[tuple[str, int]]:
             continue
         for line in lines:
             parts = line.split()
-            if len(parts) > 3 and parts[3] == _LISTEN:
-                found.add(_decode(parts[1], family))
+            if len(parts) > 9 and parts[3] == _LISTEN:
+                found[int(parts[9])] = _decode(parts[1], family)
     return found
+
+
+def sockets_of(pid: int) -> list[str]:
+    """Return 'ip:port' (IPv6 as '[ip]:port') of the TCP sockets pid itself listens on, sorted.
+
+    Reading the tables once and matching the inodes of the process's open
+    files costs one table read per status call, where psutil's per-process
+    net_connections() reads the whole table again for every process.
+    NOTE: a socket opened less than _INODE_TABLE_MAX_AGE seconds after the
+    last table read is missing from the answer until the next read.
+    """
+    global _inode_cache
+    with _inode_lock:
+        read_at, table = _inode_cache
+        if time.monotonic() - read_at > _INODE_TABLE_MAX_AGE:
+            table = _listening_by_inode()
+            _inode_cache = (time.monotonic(), table)
+    found = set()
+    for inode in _socket_inodes(pid):
+        if inode in table:
+            ip, port = table[inode]
+            found.add(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}")
+    return sorted(found)
+
+
+def _socket_inodes(pid: int) -> list[int]:
+    """Inodes of the sockets among pid's open files; empty when the process is gone."""
+    directory = f"/proc/{pid}/fd"
+    inodes = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    for name in names:
+        try:
+            target = os.readlink(f"{directory}/{name}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.append(int(target[8:-1]))
+    return inodes
 
 
 def _decode(local: str, family: int) -> tuple[str, int]:

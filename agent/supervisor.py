@@ -574,12 +574,7 @@ def _wait_groups(pgids: set[int], deadline: float) -> set[int]:
 
 def _listen_sockets(process: psutil.Process) -> list[str]:
     """'ip:port' of the process's listening TCP sockets (its own, not its children's)."""
-    found = set()
-    for conn in process.net_connections("tcp"):
-        if conn.status == psutil.CONN_LISTEN:
-            ip, port = conn.laddr.ip, conn.laddr.port
-            found.add(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}")
-    return sorted(found)
+    return listeners.sockets_of(process.pid)
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import sys
 
 import pytest
 
-from quil_cluster.agent.listeners import _decode, is_listening, listening
+from quil_cluster.agent import listeners
+from quil_cluster.agent.listeners import _decode, is_listening, listening, sockets_of
 
 # Loopback address of these tests; other test files use other 127.0.0.x addresses.
 ADDRESS = "127.0.0.62"
@@ -74,6 +77,42 @@ def test_listening_finds_ipv6_loopback_listener():
         port = server.getsockname()[1]
         table = listening()
     assert ("::1", port) in table
+
+
+# -- sockets_of() -----------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_inode_table(monkeypatch):
+    """Make sockets_of() read the tables again instead of using a read of an earlier test."""
+    monkeypatch.setattr(listeners, "_inode_cache", (float("-inf"), {}))
+
+
+def test_sockets_of_lists_own_listener(listener, fresh_inode_table):
+    assert f"{ADDRESS}:{listener.getsockname()[1]}" in sockets_of(os.getpid())
+
+
+def test_sockets_of_skips_connected_client(listener, fresh_inode_table):
+    with socket.create_connection(listener.getsockname(), timeout=5) as client:
+        client_address = f"{ADDRESS}:{client.getsockname()[1]}"
+        found = sockets_of(os.getpid())
+    assert client_address not in found
+    assert f"{ADDRESS}:{listener.getsockname()[1]}" in found
+
+
+def test_sockets_of_skips_other_process_listener(listener, fresh_inode_table):
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert sockets_of(child.pid) == []
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_sockets_of_gone_process_is_empty(fresh_inode_table):
+    child = subprocess.Popen(["true"])
+    child.wait()
+    assert sockets_of(child.pid) == []
 
 
 # -- _decode() --------------------------------------------------------------------
