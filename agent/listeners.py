@@ -6,6 +6,7 @@ which also walks every process's file descriptors to find owners.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import socket
@@ -26,7 +27,16 @@ _inode_lock = threading.Lock()
 
 def listening() -> set[tuple[str, int]]:
     """Return (ip, port) of every listening TCP socket; ip in its compressed form."""
-    return set(_listening_by_inode().values())
+    return set(_read_inode_table().values())
+
+
+def _read_inode_table() -> dict[int, tuple[str, int]]:
+    """Read the tables, keep the result for sockets_of(), and return it."""
+    global _inode_cache
+    table = _listening_by_inode()
+    with _inode_lock:
+        _inode_cache = (time.monotonic(), table)
+    return table
 
 
 def _listening_by_inode() -> dict[int, tuple[str, int]]:
@@ -37,7 +47,8 @@ def _listening_by_inode() -> dict[int, tuple[str, int]]:
         except OSError:
             continue
         for line in lines:
-            parts = line.split()
+            # Fields: sl, local, remote, state, queues, timer, retransmits, uid, timeout, inode, ...
+            parts = line.split(None, 10)
             if len(parts) > 9 and parts[3] == _LISTEN:
                 found[int(parts[9])] = _decode(parts[1], family)
     return found
@@ -52,12 +63,10 @@ def sockets_of(pid: int) -> list[str]:
     NOTE: a socket opened less than _INODE_TABLE_MAX_AGE seconds after the
     last table read is missing from the answer until the next read.
     """
-    global _inode_cache
     with _inode_lock:
         read_at, table = _inode_cache
-        if time.monotonic() - read_at > _INODE_TABLE_MAX_AGE:
-            table = _listening_by_inode()
-            _inode_cache = (time.monotonic(), table)
+    if time.monotonic() - read_at > _INODE_TABLE_MAX_AGE:
+        table = _read_inode_table()
     found = set()
     for inode in _socket_inodes(pid):
         if inode in table:
@@ -84,6 +93,7 @@ def _socket_inodes(pid: int) -> list[int]:
     return inodes
 
 
+@functools.lru_cache(maxsize=65536)
 def _decode(local: str, family: int) -> tuple[str, int]:
     address_hex, port_hex = local.split(":")
     raw = bytes.fromhex(address_hex)
