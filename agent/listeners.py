@@ -19,7 +19,7 @@ _LISTEN = "0A"
 _TABLES = (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6))
 
 
-# Seconds a read of the tables serves sockets_of(); a status call asks for every process at once.
+# Seconds one read of the tables serves sockets_of(), because a status call looks up every process at once.
 _INODE_TABLE_MAX_AGE = 0.5
 _inode_cache: tuple[float, dict[int, tuple[str, int]]] = (float("-inf"), {})
 _inode_lock = threading.Lock()
@@ -61,7 +61,7 @@ def sockets_of(pid: int) -> list[str]:
     files costs one table read per status call, where psutil's per-process
     net_connections() reads the whole table again for every process.
     NOTE: a socket opened less than _INODE_TABLE_MAX_AGE seconds after the
-    last table read is missing from the answer until the next read.
+    last table read is missing from the result until the next read.
     """
     with _inode_lock:
         read_at, table = _inode_cache

@@ -38,7 +38,9 @@ class Fleet:
         self.reaper = reaper
         self.addresses = addresses(block, count)
         self.names = [f"h{i:03d}" for i in range(count)]
-        self.mode = mode if mode != "auto" else ("process" if count <= PROCESS_MODE_MAX else "shared")
+        if mode == "auto":
+            mode = "process" if count <= PROCESS_MODE_MAX else "shared"
+        self.mode = mode
         self.processes: list[subprocess.Popen] = []
         self.agent_port = 0
         self.base_port = 0
@@ -72,9 +74,10 @@ class Fleet:
         python = sys.executable
         if self.mode == "process":
             for config in configs:
-                self.processes.append(self.reaper.spawn(
-                    [python, "-m", "quil_cluster.agent", "run", "--config", config],
-                    stdout=subprocess.DEVNULL, stderr=open(Path(config).parent / "agent.log", "ab"), cwd=self.root))
+                with open(Path(config).parent / "agent.log", "ab") as output:
+                    self.processes.append(self.reaper.spawn(
+                        [python, "-m", "quil_cluster.agent", "run", "--config", config],
+                        stdout=subprocess.DEVNULL, stderr=output, cwd=self.root))
             wait_listening([(a, self.agent_port) for a in self.addresses], timeout=300)
             return
         for first in range(0, len(configs), AGENTS_PER_PROCESS):

@@ -142,7 +142,7 @@ def _enroll_runs(fleet: Fleet, reaper: Reaper, runs: int, push_peer: Result) -> 
 def status_scenario(sizes: Sizes, binary: Path, reaper: Reaper, ansible_status: list[float]) -> list[Result]:
     with tempfile.TemporaryDirectory(prefix="quil-bench-status-") as tmp:
         fleet = bring_up(Path(tmp), sizes.status_hosts, sizes.status_workers, binary, reaper,
-                         sizes.status_workers, "shared" if sizes.status_hosts > 10 else sizes.agent_mode)
+                         sizes.status_workers, sizes.agent_mode)
         try:
             times = [fleet.timed("status") for _ in range(sizes.status_runs)]
         finally:
@@ -180,7 +180,7 @@ def crash_scenario(sizes: Sizes, peers_bin: Path, reaper: Reaper) -> list[Result
 
 def _local_pair(root: Path, reaper: Reaper, peers_bin: Path, count: int,
                 autostart: bool = True) -> tuple[local.LocalAgent, local.Supervisord]:
-    """An agent with count workers running and a supervisord with the same workers."""
+    """Start an agent and a supervisord, each running the same count workers, and wait until all listen."""
     base = free_base([local.AGENT_ADDRESS, local.SUPERVISOR_ADDRESS, local.SHELL_ADDRESS], count, 43000)
     (root / "agent").mkdir()
     agent = local.LocalAgent(root / "agent", reaper, base, count)
