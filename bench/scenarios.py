@@ -163,7 +163,7 @@ def crash_scenario(sizes: Sizes, peers_bin: Path, reaper: Reaper) -> list[Result
         root = Path(tmp)
         agent, sup = _local_pair(root, reaper, peers_bin, count)
         try:
-            time.sleep(2.5)  # both count a process as started after 1 s; kill only started ones
+            time.sleep(2.5)  # both count a process as started after 1 s, so only started ones are killed
             ours, theirs = [], []
             for core in range(1, count + 1):
                 ours.append(local.time_crash_restart(agent.process.pid, local.AGENT_ADDRESS,
@@ -241,7 +241,7 @@ def footprint_scenario(sizes: Sizes, peers_bin: Path, reaper: Reaper) -> list[Re
         with tempfile.TemporaryDirectory(prefix="quil-bench-idle-") as tmp:
             agent, sup = _local_pair(Path(tmp), reaper, peers_bin, count)
             try:
-                time.sleep(3.0)  # past both start windows
+                time.sleep(3.0)  # both sides are past their 1 s start window
                 meters = (local.Footprint(agent.process.pid), local.Footprint(sup.process.pid))
                 samples: list[list[tuple[float, float]]] = [[], []]
                 for _ in range(3):
