@@ -18,7 +18,7 @@ def number(value: float | None, unit: str) -> str:
         return "-"
     if unit == "s":
         return f"{value:.3f} s" if value < 10 else f"{value:.1f} s"
-    return f"{value:.1f} {unit.split()[0]}"
+    return f"{value:.2f} {unit.split()[0]}" if unit.startswith("%") else f"{value:.1f} {unit.split()[0]}"
 
 
 def main(argv: list[str]) -> int:

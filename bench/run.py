@@ -117,7 +117,7 @@ def _number(value: float | None, unit: str) -> str:
         return "-"
     if unit == "s":
         return f"{value:.3f} s"
-    return f"{value:.1f} {unit.split()[0]}"
+    return f"{value:.2f} {unit.split()[0]}" if unit.startswith("%") else f"{value:.1f} {unit.split()[0]}"
 
 
 def write_json(path: Path | None, results: list, sizes, peers_bin: Path, seconds: float, failed: list[str]) -> None:
