@@ -6,6 +6,7 @@ which also walks every process's file descriptors to find owners.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import socket
@@ -59,6 +60,8 @@ def sockets_of(pid: int, by_inode: dict[int, tuple[str, int]]) -> list[str]:
     return sorted(found)
 
 
+# The same addresses come back on every status call; decode each once.
+@functools.lru_cache(maxsize=65536)
 def _decode(local: str, family: int) -> tuple[str, int]:
     address_hex, port_hex = local.split(":")
     raw = bytes.fromhex(address_hex)
