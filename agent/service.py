@@ -270,6 +270,8 @@ class AgentService(pb_grpc.AgentServicer):
         processes += [pb.ProcessStatus(core=core, state=pb.PROCESS_STATE_STOPPED,
                                        detail=f"{HELD_DETAIL}; quil-coord start {host} --core {core} starts it")
                       for core in self.reconciler.desired.held if core not in running]
+        for process in processes:
+            process.held = process.core in self.reconciler.desired.held
         return sorted(processes, key=lambda p: p.core)
 
     def _node_binary_sha256(self) -> str:

@@ -10,7 +10,7 @@ import yaml
 
 from ..common.errors import QuilClusterError
 from ..common.exitcodes import ExitCode
-from ..common.states import HELD_DETAIL, State
+from ..common.states import State
 from ..proto import agent_pb2 as pb
 from .client import CALL_TIMEOUT, Credentials, call_error, for_each_host
 from .home import Home
@@ -114,7 +114,7 @@ def _process(p: pb.ProcessStatus, now: float) -> dict:
         "rss_bytes": p.rss_bytes,
         "detail": p.detail,
         # Stopped by quil-coord stop and kept stopped until quil-coord start or restart.
-        "held": p.state == pb.PROCESS_STATE_STOPPED and p.detail.startswith(HELD_DETAIL),
+        "held": p.held,
     }
 
 

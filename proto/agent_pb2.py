@@ -24,25 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61gent.proto\x12\x15quil_cluster.agent.v1\"\x15\n\x13GetHostFactsRequest\"\xf5\x03\n\tHostFacts\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x14\n\x0clogical_cpus\x18\x02 \x01(\r\x12\x15\n\rphysical_cpus\x18\x03 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x15\n\ragent_version\x18\x05 \x01(\t\x12\x18\n\x10node_binary_path\x18\x06 \x01(\t\x12\x1a\n\x12node_binary_sha256\x18\x07 \x01(\t\x12\x16\n\x0eworker_address\x18\x08 \x01(\t\x12\x17\n\x0fnode_config_dir\x18\t \x01(\t\x12\x14\n\x0cnode_version\x18\n \x01(\t\x12\x11\n\tunix_time\x18\x0b \x01(\x01\x12\x1b\n\x13interface_addresses\x18\x0c \x03(\t\x12\x1a\n\x12\x65phemeral_port_low\x18\r \x01(\r\x12\x1b\n\x13\x65phemeral_port_high\x18\x0e \x01(\r\x12\x17\n\x0fsignature_files\x18\x0f \x03(\t\x12\x19\n\x11worker_gomaxprocs\x18\x10 \x01(\t\x12\x1e\n\x16memory_available_bytes\x18\x11 \x01(\x04\x12 \n\x18signature_check_disabled\x18\x12 \x01(\x08\x12 \n\x18\x65phemeral_reserved_ports\x18\x13 \x01(\t\"\xff\x02\n\x0c\x41pplyRequest\x12\x13\n\x0b\x63onfig_yaml\x18\x01 \x01(\x0c\x12\x15\n\rconfig_sha256\x18\x02 \x01(\t\x12\x19\n\x11\x63onfig_generation\x18\x03 \x01(\x04\x12>\n\x0fnode_generation\x18\x04 \x01(\x0e\x32%.quil_cluster.agent.v1.NodeGeneration\x12\r\n\x05\x63ores\x18\x05 \x03(\r\x12\x13\n\x0brun_control\x18\x06 \x01(\x08\x12\x14\n\x0chold_control\x18\x07 \x01(\x08\x12\x17\n\x0frevoked_serials\x18\x08 \x03(\t\x12\x31\n\x08\x66irewall\x18\t \x01(\x0b\x32\x1f.quil_cluster.agent.v1.Firewall\x12\x11\n\tkeys_yaml\x18\n \x01(\x0c\x12\x13\n\x0bkeys_sha256\x18\x0b \x01(\t\x12\x19\n\x11\x63heck_base_config\x18\x0c \x01(\x08\x12\x1f\n\x17\x62\x61se_config_file_sha256\x18\r \x01(\t\"?\n\x0c\x46irewallRule\x12\r\n\x05ports\x18\x01 \x03(\r\x12\x0f\n\x07sources\x18\x02 \x03(\t\x12\x0f\n\x07purpose\x18\x03 \x01(\t\"k\n\x08\x46irewall\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x32\n\x05rules\x18\x04 \x03(\x0b\x32#.quil_cluster.agent.v1.FirewallRule\"\xd0\x01\n\rApplyResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\x12\x16\n\x0e\x63onfig_changed\x18\x02 \x01(\x08\x12\x0f\n\x07started\x18\x03 \x03(\r\x12\x0f\n\x07stopped\x18\x04 \x03(\r\x12\x11\n\trestarted\x18\x05 \x03(\r\x12\x35\n\x07\x63ontrol\x18\x06 \x01(\x0e\x32$.quil_cluster.agent.v1.ControlAction\x12\x18\n\x10\x66irewall_changed\x18\x07 \x01(\x08\x12\x10\n\x08warnings\x18\x08 \x03(\t\"\x10\n\x0eStopAllRequest\"\"\n\x0fStopAllResponse\x12\x0f\n\x07stopped\x18\x01 \x03(\r\"\x12\n\x10GetStatusRequest\"\xb0\x02\n\rProcessStatus\x12\x0c\n\x04\x63ore\x18\x01 \x01(\r\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x32\n\x05state\x18\x03 \x01(\x0e\x32#.quil_cluster.agent.v1.ProcessState\x12\x12\n\nstart_time\x18\x04 \x01(\x01\x12\x10\n\x08restarts\x18\x05 \x01(\r\x12\x15\n\rhas_last_exit\x18\x06 \x01(\x08\x12\x18\n\x10last_exit_status\x18\x07 \x01(\x05\x12\x13\n\x0b\x63pu_percent\x18\x08 \x01(\x01\x12\x11\n\trss_bytes\x18\t \x01(\x04\x12\x16\n\x0elisten_address\x18\n \x01(\t\x12\x11\n\tlistening\x18\x0b \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x0c \x01(\t\x12\x16\n\x0elisten_sockets\x18\r \x03(\t\"\xd7\x01\n\x0eStatusResponse\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x19\n\x11\x63onfig_generation\x18\x02 \x01(\x04\x12\x15\n\rconfig_sha256\x18\x03 \x01(\t\x12\x37\n\tprocesses\x18\x04 \x03(\x0b\x32$.quil_cluster.agent.v1.ProcessStatus\x12\x16\n\x0e\x63\x65rt_not_after\x18\x05 \x01(\x01\x12\x14\n\x0cnode_version\x18\x06 \x01(\t\x12\x1a\n\x12\x63onfig_file_sha256\x18\x07 \x01(\t\".\n\x12WatchStatusRequest\x12\x18\n\x10interval_seconds\x18\x01 \x01(\x01\"\x12\n\x10\x43reateCSRRequest\"$\n\x11\x43reateCSRResponse\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"D\n\x19InstallCertificateRequest\x12\x10\n\x08\x63\x65rt_pem\x18\x01 \x01(\x0c\x12\x15\n\rca_bundle_pem\x18\x02 \x01(\x0c\"?\n\x1aInstallCertificateResponse\x12\x11\n\tnot_after\x18\x01 \x01(\x01\x12\x0e\n\x06serial\x18\x02 \x01(\t\",\n\x0bProbeTarget\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\"\\\n\x0cProbeRequest\x12\x33\n\x07targets\x18\x01 \x03(\x0b\x32\".quil_cluster.agent.v1.ProbeTarget\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x01\"\x87\x01\n\x0bProbeResult\x12\x32\n\x06target\x18\x01 \x01(\x0b\x32\".quil_cluster.agent.v1.ProbeTarget\x12\x34\n\x07outcome\x18\x02 \x01(\x0e\x32#.quil_cluster.agent.v1.ProbeOutcome\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"D\n\rProbeResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".quil_cluster.agent.v1.ProbeResult\"\x12\n\x10GetConfigRequest\"8\n\x11GetConfigResponse\x12\x13\n\x0b\x63onfig_yaml\x18\x01 \x01(\x0c\x12\x0e\n\x06\x65xists\x18\x02 \x01(\x08\"g\n\x0e\x43ontrolRequest\x12\x30\n\x04verb\x18\x01 \x01(\x0e\x32\".quil_cluster.agent.v1.ControlVerb\x12\r\n\x05\x63ores\x18\x02 \x03(\r\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\x01\"\xa2\x01\n\rControlResult\x12\x0c\n\x04\x63ore\x18\x01 \x01(\r\x12\x32\n\x05\x65rror\x18\x02 \x01(\x0e\x32#.quil_cluster.agent.v1.ControlError\x12\x32\n\x05state\x18\x03 \x01(\x0e\x32#.quil_cluster.agent.v1.ProcessState\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"H\n\x0f\x43ontrolResponse\x12\x35\n\x07results\x18\x01 \x03(\x0b\x32$.quil_cluster.agent.v1.ControlResult\"=\n\x0eReadLogRequest\x12\x0c\n\x04\x63ore\x18\x01 \x01(\r\x12\r\n\x05lines\x18\x02 \x01(\r\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\"+\n\x08LogChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\ttruncated\x18\x02 \x01(\x08*|\n\x0eNodeGeneration\x12\x1f\n\x1bNODE_GENERATION_UNSPECIFIED\x10\x00\x12\x17\n\x13NODE_GENERATION_1_4\x10\x01\x12\x17\n\x13NODE_GENERATION_2_0\x10\x02\x12\x17\n\x13NODE_GENERATION_2_1\x10\x03*\x84\x02\n\x0cProcessState\x12\x1d\n\x19PROCESS_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15PROCESS_STATE_STOPPED\x10\x01\x12\x1a\n\x16PROCESS_STATE_STARTING\x10\x02\x12\x19\n\x15PROCESS_STATE_RUNNING\x10\x03\x12\x19\n\x15PROCESS_STATE_BACKOFF\x10\x04\x12\x1a\n\x16PROCESS_STATE_STOPPING\x10\x05\x12\x18\n\x14PROCESS_STATE_EXITED\x10\x06\x12\x17\n\x13PROCESS_STATE_FATAL\x10\x07\x12\x19\n\x15PROCESS_STATE_WAITING\x10\x08*\x97\x01\n\rControlAction\x12\x17\n\x13\x43ONTROL_ACTION_NONE\x10\x00\x12\x1a\n\x16\x43ONTROL_ACTION_STARTED\x10\x01\x12\x1c\n\x18\x43ONTROL_ACTION_RESTARTED\x10\x02\x12\x1a\n\x16\x43ONTROL_ACTION_STOPPED\x10\x03\x12\x17\n\x13\x43ONTROL_ACTION_HELD\x10\x04*\x94\x01\n\x0cProbeOutcome\x12\x1d\n\x19PROBE_OUTCOME_UNSPECIFIED\x10\x00\x12\x16\n\x12PROBE_OUTCOME_OPEN\x10\x01\x12\x19\n\x15PROBE_OUTCOME_REFUSED\x10\x02\x12\x19\n\x15PROBE_OUTCOME_TIMEOUT\x10\x03\x12\x17\n\x13PROBE_OUTCOME_ERROR\x10\x04*t\n\x0b\x43ontrolVerb\x12\x1c\n\x18\x43ONTROL_VERB_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43ONTROL_VERB_START\x10\x01\x12\x15\n\x11\x43ONTROL_VERB_STOP\x10\x02\x12\x18\n\x14\x43ONTROL_VERB_RESTART\x10\x03*\xc3\x01\n\x0c\x43ontrolError\x12\x16\n\x12\x43ONTROL_ERROR_NONE\x10\x00\x12!\n\x1d\x43ONTROL_ERROR_ALREADY_RUNNING\x10\x01\x12\x1d\n\x19\x43ONTROL_ERROR_NOT_RUNNING\x10\x02\x12\x1e\n\x1a\x43ONTROL_ERROR_NOT_ASSIGNED\x10\x03\x12\x1e\n\x1a\x43ONTROL_ERROR_SPAWN_FAILED\x10\x04\x12\x19\n\x15\x43ONTROL_ERROR_TIMEOUT\x10\x05\x32\x91\x08\n\x05\x41gent\x12\\\n\x0cGetHostFacts\x12*.quil_cluster.agent.v1.GetHostFactsRequest\x1a .quil_cluster.agent.v1.HostFacts\x12R\n\x05\x41pply\x12#.quil_cluster.agent.v1.ApplyRequest\x1a$.quil_cluster.agent.v1.ApplyResponse\x12X\n\x07StopAll\x12%.quil_cluster.agent.v1.StopAllRequest\x1a&.quil_cluster.agent.v1.StopAllResponse\x12[\n\tGetStatus\x12\'.quil_cluster.agent.v1.GetStatusRequest\x1a%.quil_cluster.agent.v1.StatusResponse\x12\x61\n\x0bWatchStatus\x12).quil_cluster.agent.v1.WatchStatusRequest\x1a%.quil_cluster.agent.v1.StatusResponse0\x01\x12^\n\tCreateCSR\x12\'.quil_cluster.agent.v1.CreateCSRRequest\x1a(.quil_cluster.agent.v1.CreateCSRResponse\x12y\n\x12InstallCertificate\x12\x30.quil_cluster.agent.v1.InstallCertificateRequest\x1a\x31.quil_cluster.agent.v1.InstallCertificateResponse\x12R\n\x05Probe\x12#.quil_cluster.agent.v1.ProbeRequest\x1a$.quil_cluster.agent.v1.ProbeResponse\x12^\n\tGetConfig\x12\'.quil_cluster.agent.v1.GetConfigRequest\x1a(.quil_cluster.agent.v1.GetConfigResponse\x12X\n\x07\x43ontrol\x12%.quil_cluster.agent.v1.ControlRequest\x1a&.quil_cluster.agent.v1.ControlResponse\x12S\n\x07ReadLog\x12%.quil_cluster.agent.v1.ReadLogRequest\x1a\x1f.quil_cluster.agent.v1.LogChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61gent.proto\x12\x15quil_cluster.agent.v1\"\x15\n\x13GetHostFactsRequest\"\xf5\x03\n\tHostFacts\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x14\n\x0clogical_cpus\x18\x02 \x01(\r\x12\x15\n\rphysical_cpus\x18\x03 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x15\n\ragent_version\x18\x05 \x01(\t\x12\x18\n\x10node_binary_path\x18\x06 \x01(\t\x12\x1a\n\x12node_binary_sha256\x18\x07 \x01(\t\x12\x16\n\x0eworker_address\x18\x08 \x01(\t\x12\x17\n\x0fnode_config_dir\x18\t \x01(\t\x12\x14\n\x0cnode_version\x18\n \x01(\t\x12\x11\n\tunix_time\x18\x0b \x01(\x01\x12\x1b\n\x13interface_addresses\x18\x0c \x03(\t\x12\x1a\n\x12\x65phemeral_port_low\x18\r \x01(\r\x12\x1b\n\x13\x65phemeral_port_high\x18\x0e \x01(\r\x12\x17\n\x0fsignature_files\x18\x0f \x03(\t\x12\x19\n\x11worker_gomaxprocs\x18\x10 \x01(\t\x12\x1e\n\x16memory_available_bytes\x18\x11 \x01(\x04\x12 \n\x18signature_check_disabled\x18\x12 \x01(\x08\x12 \n\x18\x65phemeral_reserved_ports\x18\x13 \x01(\t\"\xff\x02\n\x0c\x41pplyRequest\x12\x13\n\x0b\x63onfig_yaml\x18\x01 \x01(\x0c\x12\x15\n\rconfig_sha256\x18\x02 \x01(\t\x12\x19\n\x11\x63onfig_generation\x18\x03 \x01(\x04\x12>\n\x0fnode_generation\x18\x04 \x01(\x0e\x32%.quil_cluster.agent.v1.NodeGeneration\x12\r\n\x05\x63ores\x18\x05 \x03(\r\x12\x13\n\x0brun_control\x18\x06 \x01(\x08\x12\x14\n\x0chold_control\x18\x07 \x01(\x08\x12\x17\n\x0frevoked_serials\x18\x08 \x03(\t\x12\x31\n\x08\x66irewall\x18\t \x01(\x0b\x32\x1f.quil_cluster.agent.v1.Firewall\x12\x11\n\tkeys_yaml\x18\n \x01(\x0c\x12\x13\n\x0bkeys_sha256\x18\x0b \x01(\t\x12\x19\n\x11\x63heck_base_config\x18\x0c \x01(\x08\x12\x1f\n\x17\x62\x61se_config_file_sha256\x18\r \x01(\t\"?\n\x0c\x46irewallRule\x12\r\n\x05ports\x18\x01 \x03(\r\x12\x0f\n\x07sources\x18\x02 \x03(\t\x12\x0f\n\x07purpose\x18\x03 \x01(\t\"k\n\x08\x46irewall\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x32\n\x05rules\x18\x04 \x03(\x0b\x32#.quil_cluster.agent.v1.FirewallRule\"\xd0\x01\n\rApplyResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\x12\x16\n\x0e\x63onfig_changed\x18\x02 \x01(\x08\x12\x0f\n\x07started\x18\x03 \x03(\r\x12\x0f\n\x07stopped\x18\x04 \x03(\r\x12\x11\n\trestarted\x18\x05 \x03(\r\x12\x35\n\x07\x63ontrol\x18\x06 \x01(\x0e\x32$.quil_cluster.agent.v1.ControlAction\x12\x18\n\x10\x66irewall_changed\x18\x07 \x01(\x08\x12\x10\n\x08warnings\x18\x08 \x03(\t\"\x10\n\x0eStopAllRequest\"\"\n\x0fStopAllResponse\x12\x0f\n\x07stopped\x18\x01 \x03(\r\"\x12\n\x10GetStatusRequest\"\xbe\x02\n\rProcessStatus\x12\x0c\n\x04\x63ore\x18\x01 \x01(\r\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x32\n\x05state\x18\x03 \x01(\x0e\x32#.quil_cluster.agent.v1.ProcessState\x12\x12\n\nstart_time\x18\x04 \x01(\x01\x12\x10\n\x08restarts\x18\x05 \x01(\r\x12\x15\n\rhas_last_exit\x18\x06 \x01(\x08\x12\x18\n\x10last_exit_status\x18\x07 \x01(\x05\x12\x13\n\x0b\x63pu_percent\x18\x08 \x01(\x01\x12\x11\n\trss_bytes\x18\t \x01(\x04\x12\x16\n\x0elisten_address\x18\n \x01(\t\x12\x11\n\tlistening\x18\x0b \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x0c \x01(\t\x12\x16\n\x0elisten_sockets\x18\r \x03(\t\x12\x0c\n\x04held\x18\x0e \x01(\x08\"\xd7\x01\n\x0eStatusResponse\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x19\n\x11\x63onfig_generation\x18\x02 \x01(\x04\x12\x15\n\rconfig_sha256\x18\x03 \x01(\t\x12\x37\n\tprocesses\x18\x04 \x03(\x0b\x32$.quil_cluster.agent.v1.ProcessStatus\x12\x16\n\x0e\x63\x65rt_not_after\x18\x05 \x01(\x01\x12\x14\n\x0cnode_version\x18\x06 \x01(\t\x12\x1a\n\x12\x63onfig_file_sha256\x18\x07 \x01(\t\".\n\x12WatchStatusRequest\x12\x18\n\x10interval_seconds\x18\x01 \x01(\x01\"\x12\n\x10\x43reateCSRRequest\"$\n\x11\x43reateCSRResponse\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"D\n\x19InstallCertificateRequest\x12\x10\n\x08\x63\x65rt_pem\x18\x01 \x01(\x0c\x12\x15\n\rca_bundle_pem\x18\x02 \x01(\x0c\"?\n\x1aInstallCertificateResponse\x12\x11\n\tnot_after\x18\x01 \x01(\x01\x12\x0e\n\x06serial\x18\x02 \x01(\t\",\n\x0bProbeTarget\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\"\\\n\x0cProbeRequest\x12\x33\n\x07targets\x18\x01 \x03(\x0b\x32\".quil_cluster.agent.v1.ProbeTarget\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x01\"\x87\x01\n\x0bProbeResult\x12\x32\n\x06target\x18\x01 \x01(\x0b\x32\".quil_cluster.agent.v1.ProbeTarget\x12\x34\n\x07outcome\x18\x02 \x01(\x0e\x32#.quil_cluster.agent.v1.ProbeOutcome\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"D\n\rProbeResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".quil_cluster.agent.v1.ProbeResult\"\x12\n\x10GetConfigRequest\"8\n\x11GetConfigResponse\x12\x13\n\x0b\x63onfig_yaml\x18\x01 \x01(\x0c\x12\x0e\n\x06\x65xists\x18\x02 \x01(\x08\"g\n\x0e\x43ontrolRequest\x12\x30\n\x04verb\x18\x01 \x01(\x0e\x32\".quil_cluster.agent.v1.ControlVerb\x12\r\n\x05\x63ores\x18\x02 \x03(\r\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\x01\"\xa2\x01\n\rControlResult\x12\x0c\n\x04\x63ore\x18\x01 \x01(\r\x12\x32\n\x05\x65rror\x18\x02 \x01(\x0e\x32#.quil_cluster.agent.v1.ControlError\x12\x32\n\x05state\x18\x03 \x01(\x0e\x32#.quil_cluster.agent.v1.ProcessState\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"H\n\x0f\x43ontrolResponse\x12\x35\n\x07results\x18\x01 \x03(\x0b\x32$.quil_cluster.agent.v1.ControlResult\"=\n\x0eReadLogRequest\x12\x0c\n\x04\x63ore\x18\x01 \x01(\r\x12\r\n\x05lines\x18\x02 \x01(\r\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\"+\n\x08LogChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\ttruncated\x18\x02 \x01(\x08*|\n\x0eNodeGeneration\x12\x1f\n\x1bNODE_GENERATION_UNSPECIFIED\x10\x00\x12\x17\n\x13NODE_GENERATION_1_4\x10\x01\x12\x17\n\x13NODE_GENERATION_2_0\x10\x02\x12\x17\n\x13NODE_GENERATION_2_1\x10\x03*\x84\x02\n\x0cProcessState\x12\x1d\n\x19PROCESS_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15PROCESS_STATE_STOPPED\x10\x01\x12\x1a\n\x16PROCESS_STATE_STARTING\x10\x02\x12\x19\n\x15PROCESS_STATE_RUNNING\x10\x03\x12\x19\n\x15PROCESS_STATE_BACKOFF\x10\x04\x12\x1a\n\x16PROCESS_STATE_STOPPING\x10\x05\x12\x18\n\x14PROCESS_STATE_EXITED\x10\x06\x12\x17\n\x13PROCESS_STATE_FATAL\x10\x07\x12\x19\n\x15PROCESS_STATE_WAITING\x10\x08*\x97\x01\n\rControlAction\x12\x17\n\x13\x43ONTROL_ACTION_NONE\x10\x00\x12\x1a\n\x16\x43ONTROL_ACTION_STARTED\x10\x01\x12\x1c\n\x18\x43ONTROL_ACTION_RESTARTED\x10\x02\x12\x1a\n\x16\x43ONTROL_ACTION_STOPPED\x10\x03\x12\x17\n\x13\x43ONTROL_ACTION_HELD\x10\x04*\x94\x01\n\x0cProbeOutcome\x12\x1d\n\x19PROBE_OUTCOME_UNSPECIFIED\x10\x00\x12\x16\n\x12PROBE_OUTCOME_OPEN\x10\x01\x12\x19\n\x15PROBE_OUTCOME_REFUSED\x10\x02\x12\x19\n\x15PROBE_OUTCOME_TIMEOUT\x10\x03\x12\x17\n\x13PROBE_OUTCOME_ERROR\x10\x04*t\n\x0b\x43ontrolVerb\x12\x1c\n\x18\x43ONTROL_VERB_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43ONTROL_VERB_START\x10\x01\x12\x15\n\x11\x43ONTROL_VERB_STOP\x10\x02\x12\x18\n\x14\x43ONTROL_VERB_RESTART\x10\x03*\xc3\x01\n\x0c\x43ontrolError\x12\x16\n\x12\x43ONTROL_ERROR_NONE\x10\x00\x12!\n\x1d\x43ONTROL_ERROR_ALREADY_RUNNING\x10\x01\x12\x1d\n\x19\x43ONTROL_ERROR_NOT_RUNNING\x10\x02\x12\x1e\n\x1a\x43ONTROL_ERROR_NOT_ASSIGNED\x10\x03\x12\x1e\n\x1a\x43ONTROL_ERROR_SPAWN_FAILED\x10\x04\x12\x19\n\x15\x43ONTROL_ERROR_TIMEOUT\x10\x05\x32\x91\x08\n\x05\x41gent\x12\\\n\x0cGetHostFacts\x12*.quil_cluster.agent.v1.GetHostFactsRequest\x1a .quil_cluster.agent.v1.HostFacts\x12R\n\x05\x41pply\x12#.quil_cluster.agent.v1.ApplyRequest\x1a$.quil_cluster.agent.v1.ApplyResponse\x12X\n\x07StopAll\x12%.quil_cluster.agent.v1.StopAllRequest\x1a&.quil_cluster.agent.v1.StopAllResponse\x12[\n\tGetStatus\x12\'.quil_cluster.agent.v1.GetStatusRequest\x1a%.quil_cluster.agent.v1.StatusResponse\x12\x61\n\x0bWatchStatus\x12).quil_cluster.agent.v1.WatchStatusRequest\x1a%.quil_cluster.agent.v1.StatusResponse0\x01\x12^\n\tCreateCSR\x12\'.quil_cluster.agent.v1.CreateCSRRequest\x1a(.quil_cluster.agent.v1.CreateCSRResponse\x12y\n\x12InstallCertificate\x12\x30.quil_cluster.agent.v1.InstallCertificateRequest\x1a\x31.quil_cluster.agent.v1.InstallCertificateResponse\x12R\n\x05Probe\x12#.quil_cluster.agent.v1.ProbeRequest\x1a$.quil_cluster.agent.v1.ProbeResponse\x12^\n\tGetConfig\x12\'.quil_cluster.agent.v1.GetConfigRequest\x1a(.quil_cluster.agent.v1.GetConfigResponse\x12X\n\x07\x43ontrol\x12%.quil_cluster.agent.v1.ControlRequest\x1a&.quil_cluster.agent.v1.ControlResponse\x12S\n\x07ReadLog\x12%.quil_cluster.agent.v1.ReadLogRequest\x1a\x1f.quil_cluster.agent.v1.LogChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NODEGENERATION']._serialized_start=3054
-  _globals['_NODEGENERATION']._serialized_end=3178
-  _globals['_PROCESSSTATE']._serialized_start=3181
-  _globals['_PROCESSSTATE']._serialized_end=3441
-  _globals['_CONTROLACTION']._serialized_start=3444
-  _globals['_CONTROLACTION']._serialized_end=3595
-  _globals['_PROBEOUTCOME']._serialized_start=3598
-  _globals['_PROBEOUTCOME']._serialized_end=3746
-  _globals['_CONTROLVERB']._serialized_start=3748
-  _globals['_CONTROLVERB']._serialized_end=3864
-  _globals['_CONTROLERROR']._serialized_start=3867
-  _globals['_CONTROLERROR']._serialized_end=4062
+  _globals['_NODEGENERATION']._serialized_start=3068
+  _globals['_NODEGENERATION']._serialized_end=3192
+  _globals['_PROCESSSTATE']._serialized_start=3195
+  _globals['_PROCESSSTATE']._serialized_end=3455
+  _globals['_CONTROLACTION']._serialized_start=3458
+  _globals['_CONTROLACTION']._serialized_end=3609
+  _globals['_PROBEOUTCOME']._serialized_start=3612
+  _globals['_PROBEOUTCOME']._serialized_end=3760
+  _globals['_CONTROLVERB']._serialized_start=3762
+  _globals['_CONTROLVERB']._serialized_end=3878
+  _globals['_CONTROLERROR']._serialized_start=3881
+  _globals['_CONTROLERROR']._serialized_end=4076
   _globals['_GETHOSTFACTSREQUEST']._serialized_start=38
   _globals['_GETHOSTFACTSREQUEST']._serialized_end=59
   _globals['_HOSTFACTS']._serialized_start=62
@@ -62,41 +62,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATUSREQUEST']._serialized_start=1390
   _globals['_GETSTATUSREQUEST']._serialized_end=1408
   _globals['_PROCESSSTATUS']._serialized_start=1411
-  _globals['_PROCESSSTATUS']._serialized_end=1715
-  _globals['_STATUSRESPONSE']._serialized_start=1718
-  _globals['_STATUSRESPONSE']._serialized_end=1933
-  _globals['_WATCHSTATUSREQUEST']._serialized_start=1935
-  _globals['_WATCHSTATUSREQUEST']._serialized_end=1981
-  _globals['_CREATECSRREQUEST']._serialized_start=1983
-  _globals['_CREATECSRREQUEST']._serialized_end=2001
-  _globals['_CREATECSRRESPONSE']._serialized_start=2003
-  _globals['_CREATECSRRESPONSE']._serialized_end=2039
-  _globals['_INSTALLCERTIFICATEREQUEST']._serialized_start=2041
-  _globals['_INSTALLCERTIFICATEREQUEST']._serialized_end=2109
-  _globals['_INSTALLCERTIFICATERESPONSE']._serialized_start=2111
-  _globals['_INSTALLCERTIFICATERESPONSE']._serialized_end=2174
-  _globals['_PROBETARGET']._serialized_start=2176
-  _globals['_PROBETARGET']._serialized_end=2220
-  _globals['_PROBEREQUEST']._serialized_start=2222
-  _globals['_PROBEREQUEST']._serialized_end=2314
-  _globals['_PROBERESULT']._serialized_start=2317
-  _globals['_PROBERESULT']._serialized_end=2452
-  _globals['_PROBERESPONSE']._serialized_start=2454
-  _globals['_PROBERESPONSE']._serialized_end=2522
-  _globals['_GETCONFIGREQUEST']._serialized_start=2524
-  _globals['_GETCONFIGREQUEST']._serialized_end=2542
-  _globals['_GETCONFIGRESPONSE']._serialized_start=2544
-  _globals['_GETCONFIGRESPONSE']._serialized_end=2600
-  _globals['_CONTROLREQUEST']._serialized_start=2602
-  _globals['_CONTROLREQUEST']._serialized_end=2705
-  _globals['_CONTROLRESULT']._serialized_start=2708
-  _globals['_CONTROLRESULT']._serialized_end=2870
-  _globals['_CONTROLRESPONSE']._serialized_start=2872
-  _globals['_CONTROLRESPONSE']._serialized_end=2944
-  _globals['_READLOGREQUEST']._serialized_start=2946
-  _globals['_READLOGREQUEST']._serialized_end=3007
-  _globals['_LOGCHUNK']._serialized_start=3009
-  _globals['_LOGCHUNK']._serialized_end=3052
-  _globals['_AGENT']._serialized_start=4065
-  _globals['_AGENT']._serialized_end=5106
+  _globals['_PROCESSSTATUS']._serialized_end=1729
+  _globals['_STATUSRESPONSE']._serialized_start=1732
+  _globals['_STATUSRESPONSE']._serialized_end=1947
+  _globals['_WATCHSTATUSREQUEST']._serialized_start=1949
+  _globals['_WATCHSTATUSREQUEST']._serialized_end=1995
+  _globals['_CREATECSRREQUEST']._serialized_start=1997
+  _globals['_CREATECSRREQUEST']._serialized_end=2015
+  _globals['_CREATECSRRESPONSE']._serialized_start=2017
+  _globals['_CREATECSRRESPONSE']._serialized_end=2053
+  _globals['_INSTALLCERTIFICATEREQUEST']._serialized_start=2055
+  _globals['_INSTALLCERTIFICATEREQUEST']._serialized_end=2123
+  _globals['_INSTALLCERTIFICATERESPONSE']._serialized_start=2125
+  _globals['_INSTALLCERTIFICATERESPONSE']._serialized_end=2188
+  _globals['_PROBETARGET']._serialized_start=2190
+  _globals['_PROBETARGET']._serialized_end=2234
+  _globals['_PROBEREQUEST']._serialized_start=2236
+  _globals['_PROBEREQUEST']._serialized_end=2328
+  _globals['_PROBERESULT']._serialized_start=2331
+  _globals['_PROBERESULT']._serialized_end=2466
+  _globals['_PROBERESPONSE']._serialized_start=2468
+  _globals['_PROBERESPONSE']._serialized_end=2536
+  _globals['_GETCONFIGREQUEST']._serialized_start=2538
+  _globals['_GETCONFIGREQUEST']._serialized_end=2556
+  _globals['_GETCONFIGRESPONSE']._serialized_start=2558
+  _globals['_GETCONFIGRESPONSE']._serialized_end=2614
+  _globals['_CONTROLREQUEST']._serialized_start=2616
+  _globals['_CONTROLREQUEST']._serialized_end=2719
+  _globals['_CONTROLRESULT']._serialized_start=2722
+  _globals['_CONTROLRESULT']._serialized_end=2884
+  _globals['_CONTROLRESPONSE']._serialized_start=2886
+  _globals['_CONTROLRESPONSE']._serialized_end=2958
+  _globals['_READLOGREQUEST']._serialized_start=2960
+  _globals['_READLOGREQUEST']._serialized_end=3021
+  _globals['_LOGCHUNK']._serialized_start=3023
+  _globals['_LOGCHUNK']._serialized_end=3066
+  _globals['_AGENT']._serialized_start=4079
+  _globals['_AGENT']._serialized_end=5120
 # @@protoc_insertion_point(module_scope)

@@ -110,6 +110,7 @@ def test_stop_holds_core_through_supervisor_loop(applied):
     time.sleep(1.5)
     status = _processes(applied.stub)
     assert (status[2].state, status[2].pid, status[2].detail) == (pb.PROCESS_STATE_STOPPED, 0, HELD_2)
+    assert (status[2].held, status[1].held) == (True, False)
     assert status[1].state == pb.PROCESS_STATE_RUNNING
     assert _held(applied.agent) == [2]
     assert old_pid not in {p.pid for p in status.values()}
@@ -125,6 +126,7 @@ def test_apply_keeps_held_core_stopped_with_warning(applied):
     assert (result.error, result.state, result.detail) == (pb.CONTROL_ERROR_NONE, pb.PROCESS_STATE_RUNNING, "started")
     assert result.pid == _processes(applied.stub)[2].pid > 0
     assert _held(applied.agent) == []
+    assert _processes(applied.stub)[2].held is False
     assert _hold_warnings(applied.stub.Apply(applied.request, timeout=TIMEOUT)) == []
 
 
