@@ -9,9 +9,13 @@ from pathlib import Path
 
 import psutil
 
+from ..common import portlist
+from ..common.errors import ConfigError
+
 # Release binaries are named node-VERSION-OS-ARCH, e.g. node-2.1.0.25-linux-amd64.
 _VERSION = re.compile(r"node-(\d+\.\d+(?:\.\d+)*)")
 _PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_RESERVED_PORTS = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
 
 
 def node_version(binary: Path) -> str:
@@ -29,18 +33,29 @@ def ephemeral_range(path: Path = _PORT_RANGE) -> tuple[int, int] | None:
         return None
 
 
-def ephemeral_warning(ports: list[int], port_range: tuple[int, int] | None) -> str | None:
-    """Return a warning with the fix when any worker port lies in the ephemeral range, else None."""
+def ephemeral_warning(ports: list[int], port_range: tuple[int, int] | None,
+                      reserved: frozenset[int] | set[int] = frozenset()) -> str | None:
+    """Return a warning with the fix when a worker port lies in the ephemeral range unreserved, else None."""
     if port_range is None:
         return None
     low, high = port_range
-    inside = sorted(p for p in ports if low <= p <= high)
+    inside = sorted(p for p in ports if low <= p <= high and p not in reserved)
     if not inside:
         return None
     span = f"{inside[0]}-{inside[-1]}" if len(inside) > 1 else str(inside[0])
+    # The sysctl replaces the whole list, so the value keeps the ports reserved already.
+    value = portlist.format_ranges(set(reserved) | set(inside)) if reserved else span
     return (f"worker ports {span} are inside this host's ephemeral port range {low}-{high}, so an outgoing "
             f"connection can take one before its worker starts; reserve them with "
-            f"sysctl -w net.ipv4.ip_local_reserved_ports={span}, or choose a base port below {low}")
+            f"sysctl -w net.ipv4.ip_local_reserved_ports={value}, or choose a base port below {low}")
+
+
+def reserved_port_set(path: Path = _RESERVED_PORTS) -> frozenset[int]:
+    """Return the kernel's reserved ports; empty when the list cannot be read or parsed."""
+    try:
+        return frozenset(portlist.parse(reserved_ports(path)))
+    except ConfigError:
+        return frozenset()
 
 
 def file_sha256(path: Path) -> str:
@@ -50,7 +65,6 @@ def file_sha256(path: Path) -> str:
         return ""
 
 
-_RESERVED_PORTS = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
 # Values Go's strconv.ParseBool accepts, which the node uses for its flag and environment variable.
 _GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 _GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})

@@ -413,7 +413,7 @@ class Reconciler:
 
     def _warnings(self, plan: _Plan) -> list[str]:
         ports = [int(bind.rsplit("/", 1)[1]) for spec in plan.specs.values() for bind in spec.binds]
-        warning = hostinfo.ephemeral_warning(ports, hostinfo.ephemeral_range())
+        warning = hostinfo.ephemeral_warning(ports, hostinfo.ephemeral_range(), hostinfo.reserved_port_set())
         return [warning] if warning else []
 
     def _check_firewall(self, mode: str, policy: HostPolicy | None) -> tuple[str, HostPolicy | None]:

@@ -36,6 +36,26 @@ def test_ephemeral_warning_names_ports_and_fix():
         "sysctl -w net.ipv4.ip_local_reserved_ports=40000-40002, or choose a base port below 32768")
 
 
+def test_ephemeral_warning_absent_when_ports_are_reserved():
+    assert hostinfo.ephemeral_warning([40000, 40001], (32768, 60999), frozenset({40000, 40001})) is None
+
+
+def test_ephemeral_warning_fix_keeps_ports_reserved_already():
+    # The sysctl replaces the whole list, so the suggested value keeps 50000.
+    assert hostinfo.ephemeral_warning([40000, 40001, 40002], (32768, 60999), frozenset({40000, 50000})) == (
+        "worker ports 40001-40002 are inside this host's ephemeral port range 32768-60999, so an outgoing "
+        "connection can take one before its worker starts; reserve them with "
+        "sysctl -w net.ipv4.ip_local_reserved_ports=40000-40002,50000, or choose a base port below 32768")
+
+
+def test_reserved_port_set_reads_the_kernel_list(tmp_path):
+    path = tmp_path / "ip_local_reserved_ports"
+    path.write_text("40000-40002,50000\n")
+    assert hostinfo.reserved_port_set(path) == frozenset({40000, 40001, 40002, 50000})
+    path.write_text("40000-abc\n")
+    assert hostinfo.reserved_port_set(path) == frozenset()
+
+
 def test_ephemeral_warning_absent_outside_range():
     assert hostinfo.ephemeral_warning([25000, 25001], (32768, 60999)) is None
     assert hostinfo.ephemeral_warning([40000], None) is None
