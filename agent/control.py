@@ -42,6 +42,9 @@ MAX_WAIT_SECONDS = 120.0
 MAX_PENDING_ACTIONS = 4
 # Seconds between checks of a process's state while waiting.
 POLL_SECONDS = 0.05
+# With wait 0 the caller still learns what the action did (already running, not running, spawned):
+# the action needs only the lock and a fork, so it gets this long before the answer.
+NO_WAIT_ACTION_SECONDS = 1.0
 
 
 @dataclass
@@ -95,11 +98,14 @@ class Controller:
         action = _Action(verb, list(cores))
         threading.Thread(target=self._act, args=(action,), name=f"control-{verb}", daemon=True).start()
         # 3. wait for the action, then for each process to reach its target state
-        action.done.wait(max(0.0, deadline - self._clock()))
+        action.done.wait(NO_WAIT_ACTION_SECONDS if wait == 0 else max(0.0, deadline - self._clock()))
         if not action.done.is_set():
             # The action waits for the lock behind an apply or another request, or has not finished.
+            if wait == 0:
+                return [self._current(core, "none", f"{verb} queued behind another change; not waiting (wait 0)")
+                        for core in (cores or self.reconciler.assigned())]
             return [self._timed_out(core, f"{verb} did not finish") for core in (cores or self.reconciler.assigned())]
-        return self._await_targets(action, deadline)
+        return self._await_targets(action, deadline, waiting=wait > 0)
 
     # -- the action thread ---------------------------------------------------------
 
@@ -157,7 +163,7 @@ class Controller:
 
     # -- waiting -------------------------------------------------------------------
 
-    def _await_targets(self, action: _Action, deadline: float) -> list[CoreResult]:
+    def _await_targets(self, action: _Action, deadline: float, waiting: bool = True) -> list[CoreResult]:
         results = dict(action.final)
         pending = [core for core in action.targets if core not in results]
         while True:
@@ -170,7 +176,11 @@ class Controller:
                 break
             self._sleep(min(POLL_SECONDS, max(0.0, deadline - self._clock())))
         for core in pending:
-            results[core] = self._timed_out(core, f"{action.verb} did not finish")
+            if waiting:
+                results[core] = self._timed_out(core, f"{action.verb} did not finish")
+            else:
+                results[core] = self._current(core, "none", f"{action.verb} requested; not waiting (wait 0)")
+                results[core].detail += f" (state {_state_name(results[core].state)})"
         order = action.requested or [*action.targets, *sorted(set(results) - set(action.targets))]
         return [results[core] for core in order if core in results]
 
@@ -199,7 +209,7 @@ class Controller:
 
     def _timed_out(self, core: int, reason: str) -> CoreResult:
         result = self._current(core, "timeout", "")
-        state = result.state.value if result.state is not None else "stopped"
+        state = _state_name(result.state)
         result.detail = f"{reason} within the wait time (state {state}); the agent carries on, check quil-coord status"
         return result
 
@@ -217,6 +227,10 @@ class Controller:
                     f"{self.reconciler.host_name} --control, then quil-coord assign and quil-coord apply")
         return (f"core {core} is not assigned to this host; assign it with quil-coord assign, "
                 "then run quil-coord apply")
+
+
+def _state_name(state: State | None) -> str:
+    return state.value if state is not None else "stopped"
 
 
 def _check(verb: str, cores: list[int], wait_seconds: float) -> float:

@@ -267,15 +267,20 @@ def test_start_of_crashing_binary_is_spawn_failed(running_agent):
     assert "bind: address already in use" in log
 
 
-def test_wait_zero_is_timeout(applied):
+def test_wait_zero_starts_without_waiting(applied):
     _control(applied.stub, STOP, [2])
     [result] = _control(applied.stub, START, [2], wait=0)
-    assert result.error == pb.CONTROL_ERROR_TIMEOUT
+    assert result.error == pb.CONTROL_ERROR_NONE
     state = pb.ProcessState.Name(result.state).removeprefix("PROCESS_STATE_").lower()
-    assert state in ("stopped", "starting")
-    assert result.detail == (f"start did not finish within the wait time (state {state}); "
-                             "the agent carries on, check quil-coord status")
+    assert state in ("starting", "running")
+    assert result.detail == f"start requested; not waiting (wait 0) (state {state})"
     _wait_state(applied.stub, 2, pb.PROCESS_STATE_RUNNING)
+
+
+def test_wait_zero_still_reports_already_running(applied):
+    [result] = _control(applied.stub, START, [2], wait=0)
+    assert (result.error, result.state) == (pb.CONTROL_ERROR_ALREADY_RUNNING, pb.PROCESS_STATE_RUNNING)
+    assert result.detail == "already running; nothing done"
 
 
 def test_pending_actions_are_bounded(applied):
@@ -291,7 +296,8 @@ def test_pending_actions_are_bounded(applied):
         assert (result.error, result.state) == (pb.CONTROL_ERROR_TIMEOUT, pb.PROCESS_STATE_RUNNING)
         for _ in range(control.MAX_PENDING_ACTIONS - 1):
             [result] = _control(applied.stub, START, [1], wait=0)
-            assert result.error == pb.CONTROL_ERROR_TIMEOUT
+            assert result.error == pb.CONTROL_ERROR_NONE
+            assert result.detail == "start queued behind another change; not waiting (wait 0)"
         with pytest.raises(grpc.RpcError) as err:
             _control(applied.stub, START, [1], wait=0)
     finally:
@@ -337,8 +343,10 @@ def test_every_core_index_at_once(applied):
 def test_wait_is_clamped_to_120_seconds(applied):
     [result] = _control(applied.stub, STOP, [2], wait=1e300)
     assert (result.error, result.state) == (pb.CONTROL_ERROR_NONE, pb.PROCESS_STATE_STOPPED)
+    # A negative wait counts as 0: the answer does not wait for the new state.
     [result] = _control(applied.stub, START, [2], wait=-5)
-    assert result.error == pb.CONTROL_ERROR_TIMEOUT
+    assert result.error == pb.CONTROL_ERROR_NONE
+    assert result.detail.startswith("start requested; not waiting (wait 0) (state ")
 
 
 @pytest.mark.parametrize("role", ["observer", "agent"])
