@@ -25,7 +25,7 @@ from ..proto import agent_pb2 as pb
 from ..proto import agent_pb2_grpc as pb_grpc
 from ..common.metricsserver import MetricsServer
 from .config import AgentConfig
-from . import hostinfo, logs
+from . import hostinfo, logs, statelock
 from . import metrics as agent_metrics
 from .control import Controller, CoreResult
 from .identity import AgentIdentity, InstallError
@@ -322,8 +322,9 @@ class Agent:
     """A running agent: supervisor, reconciler and gRPC server."""
 
     def __init__(self, server: grpc.Server, supervisor: Supervisor, reconciler: Reconciler, port: int,
-                 metrics: MetricsServer | None = None) -> None:
+                 metrics: MetricsServer | None = None, state_lock: statelock.StateLock | None = None) -> None:
         self.server = server
+        self.state_lock = state_lock
         self.supervisor = supervisor
         self.reconciler = reconciler
         self.port = port
@@ -341,6 +342,8 @@ class Agent:
                 self.supervisor.stop(sorted(c for c in self.supervisor.specs() if c != CONTROL))
                 self.supervisor.stop([CONTROL])
         self.supervisor.close()
+        if self.state_lock is not None:
+            self.state_lock.release()
 
 
 def _make_directories(config: AgentConfig) -> None:
@@ -359,8 +362,9 @@ def _make_directories(config: AgentConfig) -> None:
 def build_server(config: AgentConfig) -> Agent:
     """Assemble and start the agent, in order:
 
-    1. check the TLS files and create the state and log directories (owner
-       only), so a bad setup fails before any node process starts
+    1. check the TLS files, create the state and log directories (owner
+       only) and lock the state directory, so a bad setup or a second agent
+       on the same state_dir fails before any node process starts
     2. bind the API port, after the checks of step 1, because gRPC
        releases a bound port only once the server has started and stopped
     3. stop processes an earlier run of this agent left behind
@@ -371,7 +375,15 @@ def build_server(config: AgentConfig) -> Agent:
     # 1. TLS files and directories
     identity = AgentIdentity(config)
     _make_directories(config)
+    state_lock = statelock.acquire(config.state_dir)
+    try:
+        return _build(config, identity, state_lock)
+    except BaseException:
+        state_lock.release()
+        raise
 
+
+def _build(config: AgentConfig, identity: AgentIdentity, state_lock: statelock.StateLock) -> Agent:
     # 2. port
     reconciler_ref: list[Reconciler] = []
 
@@ -418,4 +430,4 @@ def build_server(config: AgentConfig) -> Agent:
     # 6. metrics
     metrics = agent_metrics.start_server(
         config.metrics_address, agent_metrics.AgentCollector(supervisor, reconciler, identity, config.node_binary))
-    return Agent(server, supervisor, reconciler, port, metrics)
+    return Agent(server, supervisor, reconciler, port, metrics, state_lock)

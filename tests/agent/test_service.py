@@ -123,6 +123,8 @@ def test_restart_after_kill_replaces_processes(tmp_path):
         # What SIGKILL leaves: no API, no supervisor loop, node processes still running.
         killed.server.stop(None).wait(5.0)
         killed.supervisor.close()
+        # The kernel drops the state directory's flock when the process dies.
+        killed.state_lock.release()
     restarted = build_server(config)
     try:
         for core, (pid, create_time) in old.items():
