@@ -156,6 +156,11 @@ class Home:
     def load_hosts(self) -> list[Host]:
         path = self.file("hosts.yaml")
         if not path.exists():
+            # A new cluster has no hosts yet; a cluster with a backup or an assignment had some.
+            if backup_path(path).exists() or self.file("assignment.json").exists():
+                raise state_file_error(path, f"{path}: the file is missing although the cluster has hosts "
+                                       f"({self.file('assignment.json').name} or the backup exists)",
+                                       "restore it from a backup of the state directory")
             return []
         data = _read_state_yaml(path)
         try:

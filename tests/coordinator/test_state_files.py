@@ -177,3 +177,21 @@ def test_every_state_write_keeps_backup(home):
         assert home.file(name + ".bak").read_bytes() == previous, name
         assert home.file(name + ".bak").stat().st_mode & 0o777 == 0o600, name
 
+
+
+def test_missing_hosts_yaml_of_used_cluster_is_error(home, capsys):
+    path = home.file("hosts.yaml")
+    path.unlink()
+    before = _snapshot(home.path)
+    assert main(["--home", str(home.path), "status"]) == 3
+    assert capsys.readouterr().err == (
+        f"error: {path}: the file is missing although the cluster has hosts (assignment.json or the backup "
+        f"exists); the previous version is at {path}.bak\n")
+    assert _snapshot(home.path) == before
+
+
+def test_missing_hosts_yaml_of_new_cluster_is_empty(tmp_path):
+    control = tmp_path / "config.yml"
+    control.write_bytes((DATA / "config-1.4.21.yml").read_bytes())
+    assert main(["--home", str(tmp_path / "coord"), "init", "--control-config", str(control)]) == 0
+    assert Home(tmp_path / "coord").load_hosts() == []
