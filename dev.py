@@ -47,7 +47,9 @@ def main(argv: list[str]) -> int:
         install(python, "test")
         command = [str(python), "-m", "pytest", *argv[1:]]
     os.chdir(ROOT)
-    return subprocess.run(command).returncode
+    # Replace this process, so signals such as SIGTERM from a service manager or
+    # `timeout` reach the demo or pytest itself, which stop what they started.
+    os.execv(command[0], command)
 
 
 if __name__ == "__main__":
