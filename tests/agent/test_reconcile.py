@@ -164,3 +164,31 @@ def test_restore_skips_core_of_other_address(agent_files, caplog):
         f"restore skipped: core 1 would bind {multiaddr}, but this host's worker_address is {ADDRESS};"
         " fix the host's address in the coordinator inventory; run quil-coord apply"
     ]
+
+
+def test_plan_parses_same_config_once(agent_files, monkeypatch):
+    sha = _write_node_config(agent_files, ADDRESS)
+    text = (agent_files.node_config_dir / "config.yml").read_bytes()
+    loads: list[str] = []
+    real_load = reconcile.nodeconfig.load
+
+    def counting_load(config_text, source):
+        loads.append(source)
+        return real_load(config_text, source)
+
+    monkeypatch.setattr(reconcile.nodeconfig, "load", counting_load)
+    supervisor = Supervisor(agent_files.state_dir / "processes.json", Policy(), "test-instance")
+    try:
+        reconciler = Reconciler(agent_files, supervisor)
+        first = reconciler._plan(text, sha, "1.4", [1], False)
+        second = reconciler._plan(text, sha, "1.4", [1], True)
+        assert len(loads) == 1
+        assert first.specs[1] == second.specs[1]
+        assert sorted(second.specs) == [0, 1]
+        with pytest.raises(reconcile.RequestError) as caught:
+            reconciler._plan(text, sha, "1.4", [2], False)
+        assert caught.value.message == "core 2 has no entry in the worker list (length 1)"
+        reconciler._plan(text, sha, "2.0", [1], False)
+        assert len(loads) == 2
+    finally:
+        supervisor.close()
