@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 # Limits on what one Apply may ask for; larger requests are rejected as invalid.
 MAX_CONFIG_BYTES = 1024 * 1024
-MAX_CORES = 4096
+# 200 hosts of 64 workers need 12,800 core indices; 65535 leaves room for much larger clusters.
+MAX_CORES = 65535
 CONTROL = 0
 
 
