@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 VERBS = ("start", "stop", "restart")
 # Upper bound of wait_seconds; larger values are clamped to it.
 MAX_WAIT_SECONDS = 120.0
+# Cores in one request: a host's 4096 workers at most, and its control process. It keeps the
+# reply, one result per core, within the coordinator's 4 MiB message limit.
+MAX_REQUEST_CORES = 4097
 # Control requests whose action may be queued or running at once. More are rejected,
 # so a client cannot pile up threads that wait for the reconciler lock.
 MAX_PENDING_ACTIONS = 4
@@ -238,8 +241,8 @@ def _check(verb: str, cores: list[int], wait_seconds: float) -> float:
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     if verb not in VERBS:
         raise RequestError(invalid, f"verb {verb!r} is not valid; use start, stop or restart")
-    if len(cores) > MAX_CORES + 1:
-        raise RequestError(invalid, f"{len(cores)} cores requested; the limit is {MAX_CORES + 1}")
+    if len(cores) > MAX_REQUEST_CORES:
+        raise RequestError(invalid, f"{len(cores)} cores requested; the limit is {MAX_REQUEST_CORES}")
     for core in cores:
         if not 0 <= core <= MAX_CORES:
             raise RequestError(invalid, f"core {core} is out of range; core indices go from 0 (the control "

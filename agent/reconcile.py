@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 # Limits on what one Apply may ask for; larger requests are rejected as invalid.
 MAX_CONFIG_BYTES = 1024 * 1024
-MAX_CORES = 4096
+# 200 hosts of 64 workers need 12,800 core indices; 65535 leaves room for much larger clusters.
+MAX_CORES = 65535
 CONTROL = 0
 
 
@@ -112,6 +113,9 @@ class Reconciler:
         self.closed = False
         # None: node processes run as the agent's user. load() already validated node_user.
         self.run_as = runas.resolve(config.node_user, "agent.yaml")
+        # The worker addresses and lists of the last config parsed, keyed by its SHA-256 and node
+        # generation: parsing is pure Python and took 22 ms for 200 workers, on every apply.
+        self._parsed: tuple[tuple[str, str], dict, nodeconfig.WorkerLists] | None = None
 
     # -- entry points ----------------------------------------------------------
 
@@ -273,18 +277,28 @@ class Reconciler:
             raise RequestError(invalid, f"cores must be distinct indices from 1 to {MAX_CORES}")
         try:
             text = config_yaml.decode("utf-8")
-            parsed = nodeconfig.load(text, source="config.yml from the coordinator")
-            addresses = nodeconfig.worker_addresses(parsed, generation)
-            lists = parsed.worker_lists(generation)
         except UnicodeDecodeError as err:
             raise RequestError(invalid, f"config is not UTF-8 text (byte {err.start})") from err
-        except ConfigError as err:
-            raise RequestError(invalid, str(err)) from err
+        addresses, lists = self._parse(text, config_sha256, generation)
         specs = {core: self._worker_spec(core, addresses, len(addresses)) for core in cores}
         if run_control:
             specs[CONTROL] = self._control_spec()
         lists_sha = hashlib.sha256(json.dumps([lists.p2p, lists.stream]).encode()).hexdigest()
         return _Plan(text, config_sha256, generation, specs, lists_sha)
+
+    def _parse(self, text: str, config_sha256: str, generation: str) -> tuple[dict, nodeconfig.WorkerLists]:
+        """Return the worker addresses and lists of a config whose SHA-256 the caller checked."""
+        key = (config_sha256, generation)
+        if self._parsed is not None and self._parsed[0] == key:
+            return self._parsed[1], self._parsed[2]
+        try:
+            parsed = nodeconfig.load(text, source="config.yml from the coordinator")
+            addresses = nodeconfig.worker_addresses(parsed, generation)
+            lists = parsed.worker_lists(generation)
+        except ConfigError as err:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from err
+        self._parsed = (key, addresses, lists)
+        return addresses, lists
 
     def _worker_spec(self, core: int, addresses: dict, count: int) -> ProcessSpec:
         failed = grpc.StatusCode.FAILED_PRECONDITION

@@ -55,7 +55,8 @@ POLICY = {
     _SERVICE + "ReadLog": _WRITERS,
 }
 
-# Bounds on what one client can make the server hold.
+# Bounds on what one client can make the server hold. An Apply for 200 hosts of 64 workers carries
+# a config.yml of 383 KB (node 1.4) or 762 KB (2.1, two worker lists), both measured.
 MAX_RECEIVE_BYTES = 2 * 1024 * 1024
 MAX_SEND_BYTES = 16 * 1024 * 1024
 MAX_CONCURRENT_RPCS = 64

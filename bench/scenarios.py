@@ -36,10 +36,8 @@ class Sizes:
     agent_mode: str = "auto"
 
 
-# Status runs 200 hosts with 20 workers (4000 cores), not 64 (12800), because an
-# agent accepts core indices up to MAX_CORES = 4096 (agent/reconcile.py).
 FULL = Sizes(fleet_sizes=(10, 50, 200), apply_runs=3, enroll_at=50, enroll_runs=3, status_hosts=200,
-             status_workers=20, status_runs=5, crash_runs=10, start_workers=255, start_runs=3,
+             status_workers=64, status_runs=5, crash_runs=10, start_workers=255, start_runs=3,
              footprint_sizes=(64, 255), idle_seconds=60.0)
 QUICK = Sizes(fleet_sizes=(10,), apply_runs=2, enroll_at=10, enroll_runs=2, status_hosts=10, status_workers=8,
               status_runs=3, crash_runs=4, start_workers=32, start_runs=2, footprint_sizes=(16,), idle_seconds=6.0)

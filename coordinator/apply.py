@@ -377,12 +377,18 @@ def _failed(host: Host, error: CallError) -> HostResult:
 
 
 def _wait_workers_listening(credentials: Credentials, hosts: list[Host], cores: dict[str, list[int]]) -> list[int]:
-    """Poll every host's status until all assigned cores listen; return the cores that never did."""
+    """Poll the hosts' status until all assigned cores listen; return the cores that never did.
+
+    A host whose cores all listened is not polled again, so each round costs
+    only as many status calls as hosts still starting workers.
+    """
     deadline = time.monotonic() + WORKERS_READY_TIMEOUT
+    waiting = [h for h in hosts if cores[h.name]]
     pending: list[int] = []
     while time.monotonic() < deadline:
-        listening = for_each_host(hosts, lambda h: _listening_cores(credentials, h))
-        pending = sorted(c for h in hosts for c in cores[h.name] if c not in listening[h.name])
+        listening = for_each_host(waiting, lambda h: _listening_cores(credentials, h))
+        waiting = [h for h in waiting if not set(cores[h.name]) <= listening[h.name]]
+        pending = sorted(c for h in waiting for c in cores[h.name] if c not in listening[h.name])
         if not pending:
             return []
         time.sleep(0.1)

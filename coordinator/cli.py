@@ -38,6 +38,8 @@ EPILOG = """exit status: 0 ok, 1 unexpected error, 2 usage, 3 invalid input or s
 output: tables and live progress on a terminal; plain text when piped or with
 TERM=dumb; NO_COLOR drops colour. Commands that report state take --json."""
 
+# Highest core index; it equals the agent's MAX_CORES (agent/reconcile.py), which rejects higher ones.
+MAX_CORE_INDEX = 65535
 # Seconds between two refreshes of status --watch, by default and at least.
 WATCH_INTERVAL = 2.0
 MIN_WATCH_INTERVAL = 0.5
@@ -240,8 +242,9 @@ def _core_index(text: str) -> int:
         value = int(text)
     except ValueError:
         value = -1
-    if not 0 <= value <= 4096:
-        raise argparse.ArgumentTypeError(f"invalid core index {text!r}: use 0 (the control process) to 4096")
+    if not 0 <= value <= MAX_CORE_INDEX:
+        raise argparse.ArgumentTypeError(
+            f"invalid core index {text!r}: use 0 (the control process) to {MAX_CORE_INDEX}")
     return value
 
 

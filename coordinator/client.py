@@ -8,6 +8,7 @@ import logging
 import random
 import socket
 import ssl
+import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
@@ -127,6 +128,10 @@ class Credentials:
         self.channel_credentials = tls.channel_credentials(key, cert, bundle)
         self.revoked = frozenset(home.load_revoked())
         self._paths, self._bundle = paths, bundle
+        self._context: ssl.SSLContext | None = None
+        # Agent addresses whose certificate passed the revocation check during this command.
+        self._checked: set[str] = set()
+        self._checked_lock = threading.Lock()
 
     def stub(self, host: Host) -> tuple[grpc.Channel, pb_grpc.AgentStub]:
         channel = tls.secure_channel(host.agent, self.channel_credentials)
@@ -139,19 +144,33 @@ class Credentials:
         """Raise RevokedPeer when the agent at host.agent presents a revoked certificate.
 
         gRPC's Python client exposes no hook to see the server's certificate, so
-        this opens one extra mutual-TLS connection before the call. NOTE: it
-        checks that connection, not the one gRPC then opens to the same address.
+        this opens one extra mutual-TLS connection before the first call to
+        each address in this command; later channels to a checked address skip
+        it. NOTE: it checks that connection, not the ones gRPC then opens to
+        the same address.
         """
-        context = agent_tls_context(self._bundle)
-        context.load_cert_chain(self._paths["coordinator.crt"], self._paths["coordinator.key"])
+        with self._checked_lock:
+            if host.agent in self._checked:
+                return
         try:
-            with open_agent_tls(host, context) as wrapped:
+            with open_agent_tls(host, self._client_context()) as wrapped:
                 der = wrapped.getpeercert(binary_form=True)
         except (OSError, ssl.SSLError):
             return  # the gRPC call reports the connection failure itself
         serial = format(x509.load_der_x509_certificate(der).serial_number, "x")
         if serial in self.revoked:
             raise RevokedPeer(host.name, serial)
+        with self._checked_lock:
+            self._checked.add(host.agent)
+
+    def _client_context(self) -> ssl.SSLContext:
+        """Return the TLS context of the revocation checks, built on first use (an SSLContext is thread-safe)."""
+        with self._checked_lock:
+            if self._context is None:
+                context = agent_tls_context(self._bundle)
+                context.load_cert_chain(self._paths["coordinator.crt"], self._paths["coordinator.key"])
+                self._context = context
+            return self._context
 
 
 def agent_tls_context(bundle: bytes) -> ssl.SSLContext:

@@ -1,14 +1,17 @@
-"""Listening TCP sockets read from /proc/net, with sockets this test binds on loopback."""
+"""Listening TCP sockets read over netlink and from /proc/net, with sockets this test binds on loopback."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import struct
 import subprocess
 import sys
 
 import pytest
 
+from quil_cluster.agent import listeners
 from quil_cluster.agent.listeners import _decode, is_listening, listening, listening_by_inode, sockets_of
 
 # Loopback address of these tests; other test files use other 127.0.0.x addresses.
@@ -182,3 +185,45 @@ def test_sockets_of_exited_process_raises():
     child.wait(10)
     with pytest.raises(FileNotFoundError):
         sockets_of(child.pid, {})
+
+
+# -- netlink and the /proc/net fallback ------------------------------------------------
+
+
+def test_netlink_matches_proc_tables(listener):
+    netlink = listeners._diag_listening(socket.AF_INET) | listeners._diag_listening(socket.AF_INET6)
+    inode = os.fstat(listener.fileno()).st_ino
+    assert netlink[inode] == (ADDRESS, listener.getsockname()[1])
+    # Sockets can open or close between the two reads; this test's own listener is in both.
+    assert set(netlink.items()) & set(listeners._proc_listening().items()) >= {(inode, netlink[inode])}
+
+
+def test_listening_falls_back_to_proc(listener, monkeypatch):
+    def failing(family):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(listeners, "_diag_listening", failing)
+    monkeypatch.setattr(listeners, "_netlink_works", True)
+    assert (ADDRESS, listener.getsockname()[1]) in listening()
+    assert listeners._netlink_works is False
+
+
+def test_parse_diag_raises_netlink_error():
+    header = struct.pack("=IHHII", 36, 2, 0, 1, 0)
+    datagram = header + struct.pack("=i", -errno.EPERM) + bytes(16)
+    with pytest.raises(OSError) as caught:
+        listeners._parse_diag(datagram, socket.AF_INET, {})
+    assert caught.value.errno == errno.EPERM
+
+
+def test_parse_diag_reads_ipv4_listener():
+    message = bytearray(72)
+    message[0:2] = bytes([socket.AF_INET, 10])
+    message[4:6] = struct.pack("!H", 8340)
+    message[8:12] = socket.inet_aton("127.0.0.62")
+    message[68:72] = struct.pack("=I", 4711)
+    done = struct.pack("=IHHII", 20, 3, 2, 1, 0) + bytes(4)
+    datagram = struct.pack("=IHHII", 16 + len(message), 20, 2, 1, 0) + bytes(message) + done
+    found = {}
+    assert listeners._parse_diag(datagram, socket.AF_INET, found) is True
+    assert found == {4711: ("127.0.0.62", 8340)}

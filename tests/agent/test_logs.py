@@ -276,10 +276,10 @@ def test_read_log_fifth_stream_is_rejected(running_agent):
      "core 7 is not assigned to this host and has no log file here; check the core with quil-coord status"),
     (0, grpc.StatusCode.NOT_FOUND,
      "core 0 is not assigned to this host and has no log file here; check the core with quil-coord status"),
-    (4097, grpc.StatusCode.INVALID_ARGUMENT,
-     "core 4097 is out of range; core indices go from 0 (the control process) to 4096"),
+    (65536, grpc.StatusCode.INVALID_ARGUMENT,
+     "core 65536 is out of range; core indices go from 0 (the control process) to 65535"),
     (2**32 - 1, grpc.StatusCode.INVALID_ARGUMENT,
-     "core 4294967295 is out of range; core indices go from 0 (the control process) to 4096"),
+     "core 4294967295 is out of range; core indices go from 0 (the control process) to 65535"),
 ])
 def test_read_log_of_unknown_core_is_rejected(running_agent, core, code, message):
     with pytest.raises(grpc.RpcError) as err:

@@ -83,11 +83,11 @@ def test_load_desired_reads_held_cores(load_desired):
 @pytest.mark.parametrize(
     ("key", "value", "reason"),
     [
-        ("cores", "abc", "'cores' must be a list of distinct core indices from 1 to 4096, not 'abc'"),
-        ("cores", [1, "2"], "'cores' must be a list of distinct core indices from 1 to 4096, not [1, '2']"),
-        ("cores", [1, 1], "'cores' must be a list of distinct core indices from 1 to 4096, not [1, 1]"),
-        ("cores", [0], "'cores' must be a list of distinct core indices from 1 to 4096, not [0]"),
-        ("cores", [True], "'cores' must be a list of distinct core indices from 1 to 4096, not [True]"),
+        ("cores", "abc", "'cores' must be a list of distinct core indices from 1 to 65535, not 'abc'"),
+        ("cores", [1, "2"], "'cores' must be a list of distinct core indices from 1 to 65535, not [1, '2']"),
+        ("cores", [1, 1], "'cores' must be a list of distinct core indices from 1 to 65535, not [1, 1]"),
+        ("cores", [0], "'cores' must be a list of distinct core indices from 1 to 65535, not [0]"),
+        ("cores", [True], "'cores' must be a list of distinct core indices from 1 to 65535, not [True]"),
         ("run_control", "yes", "'run_control' must be true or false, not 'yes'"),
         ("config_generation", "7", "'config_generation' must be an integer of at least 0, not '7'"),
         ("config_generation", -1, "'config_generation' must be an integer of at least 0, not -1"),
@@ -97,10 +97,10 @@ def test_load_desired_reads_held_cores(load_desired):
         ("control_lists_sha256", 5, "'control_lists_sha256' must be a string, not 5"),
         ("revoked_serials", "0a", "'revoked_serials' must be a list of lower-case hex serial numbers, not '0a'"),
         ("revoked_serials", ["0A"], "'revoked_serials' must be a list of lower-case hex serial numbers, not ['0A']"),
-        ("held", [1, 1], "'held' must be a list of distinct core indices from 0 to 4096, not [1, 1]"),
-        ("held", [-1], "'held' must be a list of distinct core indices from 0 to 4096, not [-1]"),
-        ("held", [4097], "'held' must be a list of distinct core indices from 0 to 4096, not [4097]"),
-        ("held", "2", "'held' must be a list of distinct core indices from 0 to 4096, not '2'"),
+        ("held", [1, 1], "'held' must be a list of distinct core indices from 0 to 65535, not [1, 1]"),
+        ("held", [-1], "'held' must be a list of distinct core indices from 0 to 65535, not [-1]"),
+        ("held", [65536], "'held' must be a list of distinct core indices from 0 to 65535, not [65536]"),
+        ("held", "2", "'held' must be a list of distinct core indices from 0 to 65535, not '2'"),
     ],
 )
 def test_load_desired_rejects_wrong_type(load_desired, agent_files, caplog, key, value, reason):
@@ -143,7 +143,7 @@ def test_agent_starts_with_wrongly_typed_desired_state(agent_files, caplog):
         assert agent.supervisor.specs() == {}
     finally:
         agent.stop()
-    reason = "'cores' must be a list of distinct core indices from 1 to 4096, not 'abc'"
+    reason = "'cores' must be a list of distinct core indices from 1 to 65535, not 'abc'"
     assert [r.getMessage() for r in caplog.records if r.name == LOGGER] == [_unreadable(agent_files, reason)]
 
 
@@ -164,3 +164,48 @@ def test_restore_skips_core_of_other_address(agent_files, caplog):
         f"restore skipped: core 1 would bind {multiaddr}, but this host's worker_address is {ADDRESS};"
         " fix the host's address in the coordinator inventory; run quil-coord apply"
     ]
+
+
+def test_plan_parses_same_config_once(agent_files, monkeypatch):
+    sha = _write_node_config(agent_files, ADDRESS)
+    text = (agent_files.node_config_dir / "config.yml").read_bytes()
+    loads: list[str] = []
+    real_load = reconcile.nodeconfig.load
+
+    def counting_load(config_text, source):
+        loads.append(source)
+        return real_load(config_text, source)
+
+    monkeypatch.setattr(reconcile.nodeconfig, "load", counting_load)
+    supervisor = Supervisor(agent_files.state_dir / "processes.json", Policy(), "test-instance")
+    try:
+        reconciler = Reconciler(agent_files, supervisor)
+        first = reconciler._plan(text, sha, "1.4", [1], False)
+        second = reconciler._plan(text, sha, "1.4", [1], True)
+        assert len(loads) == 1
+        assert first.specs[1] == second.specs[1]
+        assert sorted(second.specs) == [0, 1]
+        with pytest.raises(reconcile.RequestError) as caught:
+            reconciler._plan(text, sha, "1.4", [2], False)
+        assert caught.value.message == "core 2 has no entry in the worker list (length 1)"
+        reconciler._plan(text, sha, "2.0", [1], False)
+        assert len(loads) == 2
+    finally:
+        supervisor.close()
+
+
+def test_plan_accepts_12800_core_cluster(agent_files):
+    # 200 hosts of 64 workers; this agent is the last host and runs cores 12737 to 12800.
+    others = [f"/ip4/10.0.{i // 200}.{i % 200 + 1}/tcp/{40000 + w}" for i in range(199) for w in range(64)]
+    own = [f"/ip4/{ADDRESS}/tcp/{40000 + w}" for w in range(64)]
+    lines = "".join(f"    - {entry}\n" for entry in others + own)
+    text = f"engine:\n  dataWorkerMultiaddrs:\n{lines}".encode()
+    sha = hashlib.sha256(text).hexdigest()
+    cores = list(range(12737, 12801))
+    supervisor = Supervisor(agent_files.state_dir / "processes.json", Policy(), "test-instance")
+    try:
+        plan = Reconciler(agent_files, supervisor)._plan(text, sha, "1.4", cores, False)
+    finally:
+        supervisor.close()
+    assert sorted(plan.specs) == cores
+    assert len(text) < reconcile.MAX_CONFIG_BYTES

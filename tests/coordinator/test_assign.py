@@ -187,3 +187,12 @@ def test_worker_sizing_uses_physical_basis():
     sizing = worker_sizing(hosts, facts_of, 1792 * 1024**2)
     assert sizing == {"A": (7, "8 physical CPUs - reserve 1"), "B": (4, "4 logical CPUs - reserve 0")}
     assert asked == [(["A", "B"], ["A", "B"])]
+
+
+def test_assign_200_hosts_of_64_workers():
+    hosts = [Host(f"h{i:03d}", f"10.0.{i // 200}.{i % 200 + 1}", f"10.0.{i // 200}.{i % 200 + 1}:7350", workers=64,
+                  control=i == 0) for i in range(200)]
+    plan = assign(hosts, _counts(hosts), [], PER_HOST)
+    assert len(plan.slots) == 12800
+    assert _ports(plan.slots)[-1] == (12800, "h199", 40063)
+    assert plan.added == list(range(1, 12801))

@@ -173,8 +173,8 @@ def test_bad_host_or_missing_core_exits_3(capsys, cluster, argv, message):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (("stop", "A", "--core", "4097"), "invalid core index '4097': use 0 (the control process) to 4096"),
-    (("stop", "A", "--core", "-1"), "invalid core index '-1': use 0 (the control process) to 4096"),
+    (("stop", "A", "--core", "65536"), "invalid core index '65536': use 0 (the control process) to 65535"),
+    (("stop", "A", "--core", "-1"), "invalid core index '-1': use 0 (the control process) to 65535"),
     (("stop", "A", "--wait", "121"), "invalid wait '121': use 0 to 120 seconds"),
     (("logs", "A", "--lines", "0"), "invalid line count '0': use 1 to 10000"),
 ])

@@ -193,3 +193,23 @@ def test_verify_with_stopped_agent_is_an_error_not_a_violation(cluster, capsys):
     assert report["violations"] == []
     assert report["errors"]["B"].startswith("unavailable:")
     assert report["agent_ports"]["B"] == "unreachable"
+
+
+def test_revocation_check_once_per_agent(cluster, capsys, monkeypatch):
+    from quil_cluster.coordinator import client
+
+    home = Home(cluster.home)
+    with home.locked():
+        home.revoke("abcdef")  # a serial no agent has, so that every call is checked
+    checked: list[str] = []
+    real_open = client.open_agent_tls
+
+    def counting_open(host, context):
+        checked.append(host.name)
+        return real_open(host, context)
+
+    monkeypatch.setattr(client, "open_agent_tls", counting_open)
+    capsys.readouterr()
+    # The preflight and the Apply open two channels per host; the check runs before the first.
+    assert cluster.coord("apply", "--no-verify") == 0
+    assert sorted(checked) == ["A", "B", "C"]
