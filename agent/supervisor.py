@@ -540,7 +540,7 @@ class Supervisor:
             record.state = State.FATAL
             record.detail = (
                 f"{len(record.crashes)} failures in {self.policy.crash_window:.0f} s, last: {reason};"
-                " fix the cause, then apply again"
+                " fix the cause, then run quil-coord restart for this core (or apply again)"
             )
             log.error("fatal: %s (%s)", record.spec.label, record.detail)
             return
