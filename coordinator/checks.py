@@ -29,8 +29,9 @@ SIGNATURE = "signature-files"
 MEMORY = "memory"
 GOMAXPROCS = "gomaxprocs"
 AGENT = "agent"
+CONTROL_CONFIG = "control-config"
 # Every check doctor runs, in the order of its output.
-CHECKS = (AGENT, CLOCK, ADDRESS, EPHEMERAL, DRIFT, VERSION, SIGNATURE, MEMORY, GOMAXPROCS)
+CHECKS = (AGENT, CONTROL_CONFIG, CLOCK, ADDRESS, EPHEMERAL, DRIFT, VERSION, SIGNATURE, MEMORY, GOMAXPROCS)
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,18 @@ def check_drift(host: str, rendered: str | None, applied: str, on_disk: str) -> 
     return Finding(
         host, DRIFT, "config.yml differs from what apply would push now (the inventory, the assignment or the "
         "control host's config.yml changed since the last apply)", f"{diff}; quil-coord apply pushes it",
+    )
+
+
+def check_control_config(host: str, path: str, error: str | None) -> Finding | None:
+    """Report a control host's config.yml that cannot be read or rendered; error is the ConfigError text."""
+    if error is None:
+        return None
+    return Finding(
+        host, CONTROL_CONFIG,
+        f"the control host's node config cannot be used ({error}), so apply rejects it and the config-drift "
+        "check cannot tell whether the hosts' config.yml files are current",
+        f"correct {path} where the error points, check it with quil-coord config show, then run quil-coord apply",
     )
 
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import grpc
 
-from ..common.errors import QuilClusterError
+from ..common.errors import ConfigError, QuilClusterError
 from ..common.exitcodes import ExitCode
 from ..proto import agent_pb2 as pb
 from . import checks
@@ -23,11 +23,13 @@ from .client import CALL_TIMEOUT, CallError, Credentials, call_error, for_each_h
 from .cluster import DEFAULT_WORKER_MEMORY, worker_memory
 from .home import Home, Settings
 from .inventory import Host
-from .render import read_control_config
+from .render import read_control_config, render
 
 # GetHostFacts calls per host; the fastest one measures the clock, because the
 # first call can include hashing the node binary, which skews the midpoint.
 CLOCK_SAMPLES = 2
+# Host column of a control-config finding when the inventory names no control host.
+CONTROL_LABEL = "control"
 
 
 @dataclass
@@ -67,6 +69,11 @@ def doctor(home: Home) -> DoctorReport:
     credentials = Credentials(home)
     answers = for_each_host(hosts, lambda host: _sample(credentials, host))
     report = DoctorReport(hosts=[h.name for h in hosts])
+    control = next((h.name for h in hosts if h.control), None)
+    control_error = _control_config_error(settings, slots)
+    finding = checks.check_control_config(control or CONTROL_LABEL, settings.control_config, control_error)
+    if finding is not None:
+        report.findings.append(finding)
     samples = {}
     for host in hosts:
         answer = answers[host.name]
@@ -82,7 +89,6 @@ def doctor(home: Home) -> DoctorReport:
         if host.name in samples:
             cores = [s for s in slots if s.host == host.name]
             report.findings += _host_findings(home, settings, host, samples[host.name], cores, per_worker)
-    control = next((h.name for h in hosts if h.control), None)
     report.findings += checks.check_versions(
         {name: sample.facts.node_version for name, sample in samples.items()}, control)
     report.findings.sort(key=lambda f: (f.host, checks.CHECKS.index(f.check)))
@@ -143,6 +149,21 @@ def _rendered_sha256(home: Home, host: Host) -> str | None:
         return hashlib.sha256(rendered_for(home, host.name)[1].encode("utf-8")).hexdigest()
     except QuilClusterError:
         return None
+
+
+def _control_config_error(settings: Settings, slots: list) -> str | None:
+    """Return why the control host's config.yml cannot be read or rendered, or None when it can.
+
+    Without an assignment only reading is checked, because rendering needs the slots.
+    """
+    try:
+        if slots:
+            render(settings, slots)
+        else:
+            read_control_config(settings)
+    except ConfigError as err:
+        return str(err)
+    return None
 
 
 def _worker_memory(settings: Settings) -> int:

@@ -127,6 +127,22 @@ def test_drift_fires_when_file_missing():
         "w1", "config-drift", "the host has no config.yml yet", "run quil-coord apply")
 
 
+def test_control_config_passes_when_usable():
+    assert checks.check_control_config("a", "/etc/quil/config.yml", None) is None
+
+
+def test_control_config_fires_on_error():
+    error = "/etc/quil/config.yml:12: invalid YAML: expected the node content (column 1)"
+    assert checks.check_control_config("a", "/etc/quil/config.yml", error) == Finding(
+        "a", checks.CONTROL_CONFIG,
+        "the control host's node config cannot be used (/etc/quil/config.yml:12: invalid YAML: expected the node "
+        "content (column 1)), so apply rejects it and the config-drift check cannot tell whether the hosts' "
+        "config.yml files are current",
+        "correct /etc/quil/config.yml where the error points, check it with quil-coord config show, then run "
+        "quil-coord apply",
+    )
+
+
 def test_versions_pass_when_equal():
     assert checks.check_versions({"ctl": "2.1.0.25", "w1": "2.1.0.25", "w2": ""}, "ctl") == []
 

@@ -145,6 +145,23 @@ def test_doctor_finds_memory_too_small(capsys, sound):
         path.write_text(original)
 
 
+def test_doctor_finds_broken_control_config(capsys, sound):
+    settings = yaml.safe_load((sound.home / "cluster.yaml").read_text())
+    path = Path(settings["control_config"])
+    original = path.read_text()
+    path.write_text(original + "engine: [\n")
+    try:
+        code, report = _doctor(capsys, sound)
+        assert (code, _found(report)) == (4, {("a", "control-config")})
+        finding = report["findings"][0]
+        assert finding["problem"].startswith(f"the control host's node config cannot be used ({path}:")
+        assert "invalid YAML" in finding["problem"]
+        assert finding["fix"] == (f"correct {path} where the error points, check it with quil-coord config show, "
+                                  "then run quil-coord apply")
+    finally:
+        path.write_text(original)
+
+
 def test_doctor_reports_unreachable_host(capsys, sound):
     sound.stop_agent("b")
     try:
