@@ -10,6 +10,7 @@ import ipaddress
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import NamedTuple
 
 from ..common import portlist
 from ..common.errors import ConfigError
@@ -30,8 +31,10 @@ MEMORY = "memory"
 GOMAXPROCS = "gomaxprocs"
 AGENT = "agent"
 CONTROL_CONFIG = "control-config"
+PROCESS_STATE = "process-state"
 # Every check doctor runs, in the order of its output.
-CHECKS = (AGENT, CONTROL_CONFIG, CLOCK, ADDRESS, EPHEMERAL, DRIFT, VERSION, SIGNATURE, MEMORY, GOMAXPROCS)
+CHECKS = (AGENT, CONTROL_CONFIG, CLOCK, PROCESS_STATE, ADDRESS, EPHEMERAL, DRIFT, VERSION, SIGNATURE, MEMORY,
+          GOMAXPROCS)
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,37 @@ class Finding:
     check: str
     problem: str
     fix: str
+
+
+class ProcessFacts(NamedTuple):
+    """One node process as the agent's GetStatus reports it; state is the lower-case state name."""
+
+    core: int
+    state: str
+    restarts: int
+    detail: str
+
+
+def check_processes(host: str, processes: list[ProcessFacts]) -> list[Finding]:
+    """Find node processes that crash: each one in fatal, and each one in backoff."""
+    found = []
+    for process in processes:
+        name = "the control process (core 0)" if process.core == 0 else f"worker core {process.core}"
+        logs = f"quil-coord logs {host} --core {process.core} shows its output"
+        if process.state == "fatal":
+            found.append(Finding(
+                host, PROCESS_STATE,
+                f"{name} is fatal, so the agent no longer restarts it: {process.detail or 'no detail reported'}",
+                f"{logs}; fix the cause, then run quil-coord restart {host} --core {process.core}",
+            ))
+        elif process.state == "backoff":
+            found.append(Finding(
+                host, PROCESS_STATE,
+                f"{name} is in backoff after a failure, with {process.restarts} restarts so far: "
+                f"{process.detail or 'no detail reported'}",
+                f"{logs}; the agent keeps retrying and marks it fatal when it fails too often in a row",
+            ))
+    return found
 
 
 def check_clock(host: str, agent_time: float, sent: float, received: float,

@@ -42,6 +42,7 @@ class Sample:
     # SHA-256 of the config the last apply pushed, and of the host's config.yml now.
     applied_sha256: str
     on_disk_sha256: str
+    processes: list[checks.ProcessFacts] = field(default_factory=list)
 
 
 @dataclass
@@ -111,13 +112,16 @@ def _sample(credentials: Credentials, host: Host) -> Sample | CallError:
         channel.close()
     _, sent, facts = min(timed, key=lambda entry: entry[0])
     round_trip = min(entry[0] for entry in timed)
-    return Sample(facts, sent, sent + round_trip, status.config_sha256, status.config_file_sha256)
+    processes = [checks.ProcessFacts(p.core, pb.ProcessState.Name(p.state).removeprefix("PROCESS_STATE_").lower(),
+                                     p.restarts, p.detail) for p in status.processes]
+    return Sample(facts, sent, sent + round_trip, status.config_sha256, status.config_file_sha256, processes)
 
 
 def _host_findings(home: Home, settings: Settings, host: Host, sample: Sample, cores: list,
                    per_worker: int) -> list[Finding]:
     facts = sample.facts
-    found = [checks.check_clock(host.name, facts.unix_time, sample.sent, sample.received)]
+    found: list[Finding | None] = [checks.check_clock(host.name, facts.unix_time, sample.sent, sample.received)]
+    found += checks.check_processes(host.name, sample.processes)
     if not host.probe_only:
         found += [
             checks.check_address(host.name, host.address, facts.worker_address, list(facts.interface_addresses)),

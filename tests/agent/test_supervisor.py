@@ -254,7 +254,7 @@ def test_restart_backs_off_after_crash(make_supervisor, tmp_path, info_logs):
     info = _wait_info(supervisor, 1, lambda i: i.state == State.BACKOFF and i.restarts == 1, "second exit")
     assert info.last_exit == 3
     assert info.pid == 0
-    assert info.detail.startswith("exit status 3; restarting in ")
+    assert info.detail.startswith("exit status 3; 2 failures in 1000 s, restarting in ")
     started = [m for m in _messages(info_logs) if m.startswith("started: worker core=1 (pid ")]
     assert len(started) == 2
     warnings = _messages(info_logs, logging.WARNING)
@@ -265,7 +265,7 @@ def test_backoff_detail_shows_second_delay(make_supervisor, tmp_path):
     supervisor = make_supervisor(LONG_BACKOFF)
     supervisor.start(_spec(tmp_path, EXIT_3))
     info = _wait_info(supervisor, 1, lambda i: i.state == State.BACKOFF and i.restarts == 1, "second exit")
-    delay = float(info.detail.removeprefix("exit status 3; restarting in ").removesuffix(" s"))
+    delay = float(info.detail.removeprefix("exit status 3; 2 failures in 1000 s, restarting in ").removesuffix(" s"))
     assert 16.0 <= delay <= 24.0
 
 
@@ -318,7 +318,8 @@ def test_spawn_missing_binary_backs_off(make_supervisor, tmp_path, info_logs):
     _wait_for(lambda: len(_messages(info_logs, logging.WARNING)) == 2, "second failed spawn")
     info = _info(supervisor, 1)
     assert info.state == State.BACKOFF
-    assert info.detail.startswith("spawn failed: No such file or directory; restarting in ")
+    # Never started, so restarts stays 0 and the detail carries the failures.
+    assert info.detail.startswith("spawn failed: No such file or directory; 2 failures in 1000 s, restarting in ")
     assert info.pid == 0
     assert info.last_exit is None
     assert info.restarts == 0
