@@ -114,13 +114,23 @@ def _owner_text(holder: tuple[str, int]) -> str:
 
 
 def _command_line(pid: int) -> str:
-    """Return the command line of pid, cut to MAX_COMMAND_CHARS (never its environment)."""
+    """Return the command line of pid on one line, cut to MAX_COMMAND_CHARS (never its environment)."""
     try:
         proc = psutil.Process(pid)
-        text = " ".join(proc.cmdline()) or f"[{proc.name()}]"
+        text = one_line(" ".join(proc.cmdline())) or f"[{one_line(proc.name())}]"
     except psutil.Error:
         return "command line unreadable"
     return text if len(text) <= MAX_COMMAND_CHARS else text[: MAX_COMMAND_CHARS - 3] + "..."
+
+
+def one_line(text: str) -> str:
+    """Collapse each run of whitespace to one space and replace other non-printable characters with '?'.
+
+    An argument may contain newlines or control characters, and the report
+    ends up in one status row and one log line.
+    """
+    printable = "".join(char if char.isprintable() or char.isspace() else "?" for char in text)
+    return " ".join(printable.split())
 
 
 def _host_port(ip: IPAddress, port: int) -> str:

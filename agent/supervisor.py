@@ -540,14 +540,17 @@ class Supervisor:
             record.state = State.FATAL
             record.detail = (
                 f"{len(record.crashes)} failures in {self.policy.crash_window:.0f} s, last: {reason};"
-                " fix the cause, then apply again"
+                " fix the cause, then run quil-coord restart for this core (or apply again)"
             )
             log.error("fatal: %s (%s)", record.spec.label, record.detail)
             return
         record.failures_in_row += 1
         delay = backoff_delay(record.failures_in_row, self.policy)
         record.next_start = now + delay
-        record.detail = f"{reason}; restarting in {delay:.1f} s"
+        # The failure count is in the detail because restarts counts spawns only, and a process
+        # whose spawn fails, or whose port is held, fails again and again with restarts at 0.
+        record.detail = (f"{reason}; {len(record.crashes)} failures in {self.policy.crash_window:.0f} s,"
+                         f" restarting in {delay:.1f} s")
         if event == "exited":
             log.warning("exited: %s (%s; not expected, restarting in %.1f s)", record.spec.label, reason, delay)
         else:

@@ -10,6 +10,7 @@ import ipaddress
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import NamedTuple
 
 from ..common import portlist
 from ..common.errors import ConfigError
@@ -29,8 +30,11 @@ SIGNATURE = "signature-files"
 MEMORY = "memory"
 GOMAXPROCS = "gomaxprocs"
 AGENT = "agent"
+CONTROL_CONFIG = "control-config"
+PROCESS_STATE = "process-state"
 # Every check doctor runs, in the order of its output.
-CHECKS = (AGENT, CLOCK, ADDRESS, EPHEMERAL, DRIFT, VERSION, SIGNATURE, MEMORY, GOMAXPROCS)
+CHECKS = (AGENT, CONTROL_CONFIG, CLOCK, PROCESS_STATE, ADDRESS, EPHEMERAL, DRIFT, VERSION, SIGNATURE, MEMORY,
+          GOMAXPROCS)
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,37 @@ class Finding:
     check: str
     problem: str
     fix: str
+
+
+class ProcessFacts(NamedTuple):
+    """One node process as the agent's GetStatus reports it; state is the lower-case state name."""
+
+    core: int
+    state: str
+    restarts: int
+    detail: str
+
+
+def check_processes(host: str, processes: list[ProcessFacts]) -> list[Finding]:
+    """Find node processes that crash: each one in fatal, and each one in backoff."""
+    found = []
+    for process in processes:
+        name = "the control process (core 0)" if process.core == 0 else f"worker core {process.core}"
+        logs = f"quil-coord logs {host} --core {process.core} shows its output"
+        if process.state == "fatal":
+            found.append(Finding(
+                host, PROCESS_STATE,
+                f"{name} is fatal, so the agent no longer restarts it: {process.detail or 'no detail reported'}",
+                f"{logs}; fix the cause, then run quil-coord restart {host} --core {process.core}",
+            ))
+        elif process.state == "backoff":
+            found.append(Finding(
+                host, PROCESS_STATE,
+                f"{name} is in backoff after a failure, with {process.restarts} restarts so far: "
+                f"{process.detail or 'no detail reported'}",
+                f"{logs}; the agent keeps retrying and marks it fatal when it fails too often in a row",
+            ))
+    return found
 
 
 def check_clock(host: str, agent_time: float, sent: float, received: float,
@@ -145,6 +180,18 @@ def check_drift(host: str, rendered: str | None, applied: str, on_disk: str) -> 
     return Finding(
         host, DRIFT, "config.yml differs from what apply would push now (the inventory, the assignment or the "
         "control host's config.yml changed since the last apply)", f"{diff}; quil-coord apply pushes it",
+    )
+
+
+def check_control_config(host: str, path: str, error: str | None) -> Finding | None:
+    """Report a control host's config.yml that cannot be read or rendered; error is the ConfigError text."""
+    if error is None:
+        return None
+    return Finding(
+        host, CONTROL_CONFIG,
+        f"the control host's node config cannot be used ({error}), so apply rejects it and the config-drift "
+        "check cannot tell whether the hosts' config.yml files are current",
+        f"correct {path} where the error points, check it with quil-coord config show, then run quil-coord apply",
     )
 
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import grpc
 
-from ..common.errors import QuilClusterError
+from ..common.errors import ConfigError, QuilClusterError
 from ..common.exitcodes import ExitCode
 from ..proto import agent_pb2 as pb
 from . import checks
@@ -23,11 +23,13 @@ from .client import CALL_TIMEOUT, CallError, Credentials, call_error, for_each_h
 from .cluster import DEFAULT_WORKER_MEMORY, worker_memory
 from .home import Home, Settings
 from .inventory import Host
-from .render import read_control_config
+from .render import read_control_config, render
 
 # GetHostFacts calls per host; the fastest one measures the clock, because the
 # first call can include hashing the node binary, which skews the midpoint.
 CLOCK_SAMPLES = 2
+# Host column of a control-config finding when the inventory names no control host.
+CONTROL_LABEL = "control"
 
 
 @dataclass
@@ -40,6 +42,7 @@ class Sample:
     # SHA-256 of the config the last apply pushed, and of the host's config.yml now.
     applied_sha256: str
     on_disk_sha256: str
+    processes: list[checks.ProcessFacts] = field(default_factory=list)
 
 
 @dataclass
@@ -67,6 +70,11 @@ def doctor(home: Home) -> DoctorReport:
     credentials = Credentials(home)
     answers = for_each_host(hosts, lambda host: _sample(credentials, host))
     report = DoctorReport(hosts=[h.name for h in hosts])
+    control = next((h.name for h in hosts if h.control), None)
+    control_error = _control_config_error(settings, slots)
+    finding = checks.check_control_config(control or CONTROL_LABEL, settings.control_config, control_error)
+    if finding is not None:
+        report.findings.append(finding)
     samples = {}
     for host in hosts:
         answer = answers[host.name]
@@ -82,7 +90,6 @@ def doctor(home: Home) -> DoctorReport:
         if host.name in samples:
             cores = [s for s in slots if s.host == host.name]
             report.findings += _host_findings(home, settings, host, samples[host.name], cores, per_worker)
-    control = next((h.name for h in hosts if h.control), None)
     report.findings += checks.check_versions(
         {name: sample.facts.node_version for name, sample in samples.items()}, control)
     report.findings.sort(key=lambda f: (f.host, checks.CHECKS.index(f.check)))
@@ -105,13 +112,16 @@ def _sample(credentials: Credentials, host: Host) -> Sample | CallError:
         channel.close()
     _, sent, facts = min(timed, key=lambda entry: entry[0])
     round_trip = min(entry[0] for entry in timed)
-    return Sample(facts, sent, sent + round_trip, status.config_sha256, status.config_file_sha256)
+    processes = [checks.ProcessFacts(p.core, pb.ProcessState.Name(p.state).removeprefix("PROCESS_STATE_").lower(),
+                                     p.restarts, p.detail) for p in status.processes]
+    return Sample(facts, sent, sent + round_trip, status.config_sha256, status.config_file_sha256, processes)
 
 
 def _host_findings(home: Home, settings: Settings, host: Host, sample: Sample, cores: list,
                    per_worker: int) -> list[Finding]:
     facts = sample.facts
-    found = [checks.check_clock(host.name, facts.unix_time, sample.sent, sample.received)]
+    found: list[Finding | None] = [checks.check_clock(host.name, facts.unix_time, sample.sent, sample.received)]
+    found += checks.check_processes(host.name, sample.processes)
     if not host.probe_only:
         found += [
             checks.check_address(host.name, host.address, facts.worker_address, list(facts.interface_addresses)),
@@ -143,6 +153,21 @@ def _rendered_sha256(home: Home, host: Host) -> str | None:
         return hashlib.sha256(rendered_for(home, host.name)[1].encode("utf-8")).hexdigest()
     except QuilClusterError:
         return None
+
+
+def _control_config_error(settings: Settings, slots: list) -> str | None:
+    """Return why the control host's config.yml cannot be read or rendered, or None when it can.
+
+    Without an assignment only reading is checked, because rendering needs the slots.
+    """
+    try:
+        if slots:
+            render(settings, slots)
+        else:
+            read_control_config(settings)
+    except ConfigError as err:
+        return str(err)
+    return None
 
 
 def _worker_memory(settings: Settings) -> int:

@@ -103,13 +103,41 @@ def test_held_port_names_owner_pid_and_command(monkeypatch):
         report = bindcheck.held_port([(ip(ADDRESS), port)], listeners.listening())
     finally:
         _stop(proc)
-    command = " ".join(proc.args)
+    # The listener's -c argument spans several lines; the report keeps them on one.
+    command = " ".join(" ".join(proc.args).split())
     assert len(command) > bindcheck.MAX_COMMAND_CHARS
     assert report == (
         f"port {ADDRESS}:{port} is already in use by pid {proc.pid}"
         f" ({command[:bindcheck.MAX_COMMAND_CHARS - 3]}...); stop that process or free the port"
     )
+    assert "\n" not in report
     assert "hunter2" not in report
+
+
+def test_command_line_kept_on_one_line():
+    code = "import time\ntime.sleep(1000)"
+    sleeper = subprocess.Popen([sys.executable, "-c", code, "a\n\n b\tc", "\x1b[31mred\x07"])
+    expected = f"{sys.executable} -c import time time.sleep(1000) a b c ?[31mred?"
+    assert len(expected) <= bindcheck.MAX_COMMAND_CHARS
+    try:
+        # Until the child has exec'd Python, it still has this test's command line.
+        deadline = time.monotonic() + 10
+        while bindcheck._command_line(sleeper.pid) != expected:
+            assert time.monotonic() < deadline, bindcheck._command_line(sleeper.pid)
+            time.sleep(0.02)
+    finally:
+        _stop(sleeper)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("python3 -c 'import x\nrun()'", "python3 -c 'import x run()'"),
+    ("a\t\tb\r\n  c\x0bd\x0ce", "a b c d e"),
+    ("node\x1b[0m\x00end", "node?[0m?end"),
+    ("  \n ", ""),
+    ("plain", "plain"),
+])
+def test_one_line(text, expected):
+    assert bindcheck.one_line(text) == expected
 
 
 def test_command_line_short_command_kept_whole():

@@ -36,7 +36,10 @@ DEADLINE = 10.0
 POLICY = Policy(start_seconds=0.2, stop_grace_seconds=1, crash_limit=3, crash_window=60, backoff_base=0.05)
 # The second exit in a row waits 20 s (16 to 24 s with jitter), so the process stays in BACKOFF.
 LONG_BACKOFF = dataclasses.replace(POLICY, backoff_base=20, backoff_cap=100, crash_limit=10, crash_window=1000)
-FATAL_DETAIL = "3 failures in 60 s, last: exit status 3; fix the cause, then apply again"
+FATAL_DETAIL = (
+    "3 failures in 60 s, last: exit status 3;"
+    " fix the cause, then run quil-coord restart for this core (or apply again)"
+)
 
 EXIT_3 = ("/bin/sh", "-c", "exit 3")
 SLEEP = ("/bin/sleep", "1000")
@@ -251,7 +254,7 @@ def test_restart_backs_off_after_crash(make_supervisor, tmp_path, info_logs):
     info = _wait_info(supervisor, 1, lambda i: i.state == State.BACKOFF and i.restarts == 1, "second exit")
     assert info.last_exit == 3
     assert info.pid == 0
-    assert info.detail.startswith("exit status 3; restarting in ")
+    assert info.detail.startswith("exit status 3; 2 failures in 1000 s, restarting in ")
     started = [m for m in _messages(info_logs) if m.startswith("started: worker core=1 (pid ")]
     assert len(started) == 2
     warnings = _messages(info_logs, logging.WARNING)
@@ -262,7 +265,7 @@ def test_backoff_detail_shows_second_delay(make_supervisor, tmp_path):
     supervisor = make_supervisor(LONG_BACKOFF)
     supervisor.start(_spec(tmp_path, EXIT_3))
     info = _wait_info(supervisor, 1, lambda i: i.state == State.BACKOFF and i.restarts == 1, "second exit")
-    delay = float(info.detail.removeprefix("exit status 3; restarting in ").removesuffix(" s"))
+    delay = float(info.detail.removeprefix("exit status 3; 2 failures in 1000 s, restarting in ").removesuffix(" s"))
     assert 16.0 <= delay <= 24.0
 
 
@@ -315,7 +318,8 @@ def test_spawn_missing_binary_backs_off(make_supervisor, tmp_path, info_logs):
     _wait_for(lambda: len(_messages(info_logs, logging.WARNING)) == 2, "second failed spawn")
     info = _info(supervisor, 1)
     assert info.state == State.BACKOFF
-    assert info.detail.startswith("spawn failed: No such file or directory; restarting in ")
+    # Never started, so restarts stays 0 and the detail carries the failures.
+    assert info.detail.startswith("spawn failed: No such file or directory; 2 failures in 1000 s, restarting in ")
     assert info.pid == 0
     assert info.last_exit is None
     assert info.restarts == 0
@@ -331,7 +335,8 @@ def test_spawn_missing_binary_ends_fatal(make_supervisor, tmp_path):
     supervisor.start(_spec(tmp_path, (str(tmp_path / "missing-node"),)))
     info = _wait_state(supervisor, 1, State.FATAL)
     assert info.detail == (
-        "4 failures in 60 s, last: spawn failed: No such file or directory; fix the cause, then apply again"
+        "4 failures in 60 s, last: spawn failed: No such file or directory;"
+        " fix the cause, then run quil-coord restart for this core (or apply again)"
     )
     assert info.pid == 0
 
@@ -931,7 +936,8 @@ def test_held_port_reported_and_ends_fatal(supervisor, tmp_path, info_logs, fore
                                binds=(f"/ip4/{LISTEN_ADDRESS}/tcp/{port}",)))
         info = _wait_state(supervisor, 1, State.FATAL)
         reason = _held_reason(foreign, LISTEN_ADDRESS, port)
-        assert info.detail == f"3 failures in 60 s, last: {reason}; fix the cause, then apply again"
+        assert info.detail == (f"3 failures in 60 s, last: {reason};"
+                               " fix the cause, then run quil-coord restart for this core (or apply again)")
         assert info.pid == 0
         assert info.restarts == 0
         # Not the agent's process: reported, never signalled.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from quil_cluster.coordinator import checks
-from quil_cluster.coordinator.checks import Finding
+from quil_cluster.coordinator.checks import Finding, ProcessFacts
 
 GIB = 1024**3
 MIB = 1024**2
@@ -125,6 +125,56 @@ def test_drift_fires_when_apply_pending():
 def test_drift_fires_when_file_missing():
     assert checks.check_drift("w1", rendered="cc", applied="", on_disk="") == Finding(
         "w1", "config-drift", "the host has no config.yml yet", "run quil-coord apply")
+
+
+def test_control_config_passes_when_usable():
+    assert checks.check_control_config("a", "/etc/quil/config.yml", None) is None
+
+
+def test_control_config_fires_on_error():
+    error = "/etc/quil/config.yml:12: invalid YAML: expected the node content (column 1)"
+    assert checks.check_control_config("a", "/etc/quil/config.yml", error) == Finding(
+        "a", checks.CONTROL_CONFIG,
+        "the control host's node config cannot be used (/etc/quil/config.yml:12: invalid YAML: expected the node "
+        "content (column 1)), so apply rejects it and the config-drift check cannot tell whether the hosts' "
+        "config.yml files are current",
+        "correct /etc/quil/config.yml where the error points, check it with quil-coord config show, then run "
+        "quil-coord apply",
+    )
+
+
+def test_processes_pass_when_running_or_stopped():
+    processes = [ProcessFacts(0, "running", 0, ""), ProcessFacts(1, "running", 3, ""),
+                 ProcessFacts(2, "stopped", 0, ""), ProcessFacts(3, "waiting", 0, "waiting for address 10.0.0.5 to appear on an interface")]
+    assert checks.check_processes("w1", processes) == []
+
+
+def test_processes_fire_on_fatal_worker():
+    detail = ("10 failures in 180 s, last: exit status 2;"
+              " fix the cause, then run quil-coord restart for this core (or apply again)")
+    assert checks.check_processes("w1", [ProcessFacts(4, "fatal", 2, detail)]) == [Finding(
+        "w1", checks.PROCESS_STATE,
+        f"worker core 4 is fatal, so the agent no longer restarts it: {detail}",
+        "quil-coord logs w1 --core 4 shows its output; fix the cause, then run quil-coord restart w1 --core 4",
+    )]
+
+
+def test_processes_fire_on_backoff_control_process():
+    detail = "spawn failed: No such file or directory; 3 failures in 180 s, restarting in 2.0 s"
+    assert checks.check_processes("w1", [ProcessFacts(0, "backoff", 0, detail)]) == [Finding(
+        "w1", checks.PROCESS_STATE,
+        f"the control process (core 0) is in backoff after a failure, with 0 restarts so far: {detail}",
+        "quil-coord logs w1 --core 0 shows its output; the agent keeps retrying and marks it fatal when it fails "
+        "too often in a row",
+    )]
+
+
+def test_processes_one_finding_per_core():
+    processes = [ProcessFacts(1, "fatal", 0, ""), ProcessFacts(2, "running", 0, ""),
+                 ProcessFacts(3, "backoff", 1, "x")]
+    found = checks.check_processes("w1", processes)
+    assert [f.problem.split(" is ")[0] for f in found] == ["worker core 1", "worker core 3"]
+    assert found[0].problem == "worker core 1 is fatal, so the agent no longer restarts it: no detail reported"
 
 
 def test_versions_pass_when_equal():

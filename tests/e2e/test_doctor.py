@@ -7,6 +7,7 @@ machine's clock, and no agent setting fakes one.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,48 @@ def test_doctor_finds_memory_too_small(capsys, sound):
                                               ("b", "config-drift")})
     finally:
         path.write_text(original)
+
+
+def test_doctor_finds_broken_control_config(capsys, sound):
+    settings = yaml.safe_load((sound.home / "cluster.yaml").read_text())
+    path = Path(settings["control_config"])
+    original = path.read_text()
+    path.write_text(original + "engine: [\n")
+    try:
+        code, report = _doctor(capsys, sound)
+        assert (code, _found(report)) == (4, {("a", "control-config")})
+        finding = report["findings"][0]
+        assert finding["problem"].startswith(f"the control host's node config cannot be used ({path}:")
+        assert "invalid YAML" in finding["problem"]
+        assert finding["fix"] == (f"correct {path} where the error points, check it with quil-coord config show, "
+                                  "then run quil-coord apply")
+    finally:
+        path.write_text(original)
+
+
+def test_doctor_finds_crash_looping_cores(capsys, sound):
+    """Every worker on b exits at start; doctor reports each core in backoff, then in fatal."""
+    previous = _edit_agent(sound, "b", node_env={"QUIL_SIMNODE_FAIL_CORES": "1,2,3,4"}, crash_limit=3,
+                           crash_window_seconds=60)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            code, report = _doctor(capsys, sound)
+            states = [f for f in report["findings"] if f["check"] == "process-state"]
+            if len(states) == 2 and all(" is fatal" in f["problem"] for f in states):
+                break
+            assert time.monotonic() < deadline, report["findings"]
+            time.sleep(0.5)
+        assert (code, _found(report)) == (4, {("b", "process-state")})
+        cores = [int(f["fix"].rsplit(" ", 1)[1]) for f in states]
+        for finding, core in zip(states, cores):
+            assert finding["problem"] == (
+                f"worker core {core} is fatal, so the agent no longer restarts it: 3 failures in 60 s, last: "
+                "exit status 1; fix the cause, then run quil-coord restart for this core (or apply again)")
+            assert finding["fix"] == (f"quil-coord logs b --core {core} shows its output; fix the cause, then run "
+                                      f"quil-coord restart b --core {core}")
+    finally:
+        _edit_agent(sound, "b", **previous)
 
 
 def test_doctor_reports_unreachable_host(capsys, sound):

@@ -114,7 +114,8 @@ def test_instant_exit_backs_off_then_fatal(agents, ca):
     share = cpu_used / wall
     print(f"\ncrash loop to FATAL: {wall:.1f} s; agent CPU {cpu_used:.2f} s = {share:.1%} of one core")
 
-    assert table[2].detail == "6 failures in 20 s, last: exit status 1; fix the cause, then apply again"
+    assert table[2].detail == ("6 failures in 20 s, last: exit status 1;"
+                               " fix the cause, then run quil-coord restart for this core (or apply again)")
     assert table[2].restarts == 5
     assert table[2].pid == 0
     assert table[1].state == pb.PROCESS_STATE_RUNNING
