@@ -11,6 +11,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -43,6 +44,7 @@ MAX_CORE_INDEX = 65535
 # Seconds between two refreshes of status --watch, by default and at least.
 WATCH_INTERVAL = 2.0
 MIN_WATCH_INTERVAL = 0.5
+MAX_WATCH_INTERVAL = 3600.0
 
 # Example for serve --metrics-address, which is off by default; the agent's metrics use 9741.
 METRICS_EXAMPLE = "127.0.0.1:9742"
@@ -287,6 +289,9 @@ def _watch_interval(text: str) -> float:
         seconds = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid interval '{text}': give seconds, like 2 or 0.5") from None
+    if not math.isfinite(seconds) or seconds > MAX_WATCH_INTERVAL:
+        raise argparse.ArgumentTypeError(
+            f"invalid interval '{text}': give seconds from {MIN_WATCH_INTERVAL:g} to {MAX_WATCH_INTERVAL:g}")
     if not seconds >= MIN_WATCH_INTERVAL:
         raise argparse.ArgumentTypeError(f"interval {text} is too short: give at least {MIN_WATCH_INTERVAL:g} s")
     return seconds

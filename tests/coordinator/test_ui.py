@@ -104,7 +104,9 @@ def test_host_progress_draws_nothing_without_steps():
 @pytest.mark.parametrize("value, message", [
     ("abc", "invalid interval 'abc': give seconds, like 2 or 0.5"),
     ("0", "interval 0 is too short: give at least 0.5 s"),
-    ("nan", "interval nan is too short: give at least 0.5 s"),
+    ("nan", "invalid interval 'nan': give seconds from 0.5 to 3600"),
+    ("inf", "invalid interval 'inf': give seconds from 0.5 to 3600"),
+    ("3601", "invalid interval '3601': give seconds from 0.5 to 3600"),
 ])
 def test_watch_interval_rejected(tmp_path, capsys, value, message):
     with pytest.raises(SystemExit) as exited:
