@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,11 @@ def default_metrics_address(worker_address: Any) -> str:
 def _resolve(base: Path, value: Any, key: str, source: str) -> Path:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{source}: '{key}' must be a non-empty path string")
+    if key == "node_binary":
+        # Absolute, but symlinks kept: the release is read from the binary's file name, so a link
+        # named node-2.1.0.25-linux-amd64 must stay that name, and a replaced link target takes
+        # effect at the next start of a process without an agent restart.
+        return Path(os.path.normpath(base / value))
     return (base / value).resolve()
 
 

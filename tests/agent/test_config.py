@@ -390,3 +390,14 @@ def test_sample_matches_defaults(tmp_path, key):
 def test_sample_keys_are_known():
     keys = set(yaml.safe_load(sample()))
     assert keys <= {f.name for f in fields(AgentConfig)}
+
+
+def test_node_binary_symlink_keeps_its_release_name(tmp_path):
+    # The release (and with it the stand-in's generation) is read from the file name the agent runs.
+    target = tmp_path / "bin" / "quil-simnode"
+    target.parent.mkdir()
+    target.write_text("#!/bin/sh\n")
+    (tmp_path / "bin" / "node-2.1.0.25-linux-amd64").symlink_to(target)
+    text = MINIMAL.replace("node_binary: bin/node", "node_binary: bin/../bin/node-2.1.0.25-linux-amd64")
+    config = load(_write(tmp_path, text))
+    assert config.node_binary == tmp_path / "bin" / "node-2.1.0.25-linux-amd64"
