@@ -161,8 +161,10 @@ def run_demo(directory: Path | None, keep: bool) -> int:
             _check(cluster.coord(*step), step[0])
         _show_crash_restart(cluster)
         if keep:
-            print(f"\ncluster running; try: QUIL_COORD_HOME={cluster.home} quil-coord status   (Ctrl-C stops it)")
+            # From here on Ctrl-C or SIGTERM is the normal end, also while the line is printed.
             with contextlib.suppress(KeyboardInterrupt):
+                print(f"\ncluster running; try: QUIL_COORD_HOME={cluster.home} quil-coord status   "
+                      "(Ctrl-C stops it)", flush=True)
                 signal.pause()
     if not directory and not keep:
         shutil.rmtree(root, ignore_errors=True)
