@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--wait", action="store_true", help="wait for a running apply to finish instead of failing")
     apply.add_argument("--no-verify", action="store_true", help="do not run verify after the apply")
     apply.add_argument("--yes", action="store_true", help="apply even when 2.1 cores move to another host")
-    apply.add_argument("--max-failures", type=int, metavar="N",
+    apply.add_argument("--max-failures", type=_failure_count, metavar="N",
                        help="apply hosts one at a time and stop once more than N failed; the rest are skipped "
                             "(default: no limit, every host in parallel)")
 
@@ -257,6 +257,16 @@ def _wait_seconds(text: str) -> float:
         value = -1.0
     if not 0 <= value <= 120:
         raise argparse.ArgumentTypeError(f"invalid wait {text!r}: use 0 to 120 seconds")
+    return value
+
+
+def _failure_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: use 0 or more")
     return value
 
 

@@ -18,20 +18,24 @@ def _home(tmp_path: Path) -> Path:
     return home
 
 
-def test_negative_max_failures_is_rejected(tmp_path, capsys):
+@pytest.mark.parametrize("value", ["-1", "two"])
+def test_invalid_max_failures_is_usage_error(tmp_path, capsys, value):
     home = _home(tmp_path)
     before = {p.name: p.read_bytes() for p in home.iterdir() if p.is_file()}
     capsys.readouterr()
-    code = main(["--home", str(home), "apply", "--max-failures", "-1"])
-    assert code == 3
-    assert capsys.readouterr().err == "error: invalid --max-failures -1: use 0 or more\n"
+    with pytest.raises(SystemExit) as caught:
+        main(["--home", str(home), "apply", "--max-failures", value])
+    assert caught.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: argument --max-failures: invalid count '{value}': use 0 or more; see quil-coord apply --help")
     assert {p.name: p.read_bytes() for p in home.iterdir() if p.is_file()} == before
 
 
-def test_max_failures_needs_a_number(tmp_path, capsys):
-    home = _home(tmp_path)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as caught:
-        main(["--home", str(home), "apply", "--max-failures", "two"])
-    assert caught.value.code == 2
-    assert "argument --max-failures: invalid int value: 'two'" in capsys.readouterr().err
+def test_apply_rejects_negative_max_failures(tmp_path):
+    from quil_cluster.coordinator.apply import apply
+    from quil_cluster.coordinator.home import Home
+    from quil_cluster.common.errors import InventoryError
+
+    with pytest.raises(InventoryError) as err:
+        apply(Home(_home(tmp_path)), max_failures=-1)
+    assert str(err.value) == "invalid --max-failures -1: use 0 or more"
