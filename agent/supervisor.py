@@ -322,6 +322,12 @@ class Supervisor:
         by_inode = listeners.listening_by_inode()
         table = set(by_inode.values())
         with self._lock:
+            # A process seen listening counts as started now, not at the loop's next poll,
+            # so one status never shows it listening and still starting.
+            now = time.monotonic()
+            for rec in self._records.values():
+                if rec.state == State.STARTING:
+                    self._promote_if_started(rec, now, table)
             copied = [(self._info(rec, table), rec.ps if rec.state in ALIVE_STATES else None)
                       for _, rec in sorted(self._records.items())]
         for info, ps in copied:
@@ -578,11 +584,7 @@ class Supervisor:
             if record.state == State.WAITING and record.desired:
                 waits.append(self._addresses_read_at + self.policy.address_poll_seconds - now)
             if record.state == State.STARTING:
-                if self._started(record, now, table.get() if record.spec.listen is not None else None):
-                    # STARTING -> RUNNING
-                    record.state = State.RUNNING
-                    log.info("running: %s (pid %d)", record.spec.label, record.pid)
-                else:
+                if not self._promote_if_started(record, now, table.get() if record.spec.listen is not None else None):
                     waits.append(STARTING_POLL_SECONDS)
             if record.state == State.RUNNING and record.failures_in_row:
                 stable_at = record.start_mono + self.policy.stable_seconds
@@ -594,6 +596,15 @@ class Supervisor:
             waits.append(0.0)
         waits.append(self._rotate_logs(now))
         return max(0.0, min(waits))
+
+    def _promote_if_started(self, record: _Record, now: float, table: set[tuple[str, int]] | None) -> bool:
+        """Move a STARTING record to RUNNING once it counts as started; return whether it did."""
+        if not self._started(record, now, table):
+            return False
+        # STARTING -> RUNNING
+        record.state = State.RUNNING
+        log.info("running: %s (pid %d)", record.spec.label, record.pid)
+        return True
 
     def _started(self, record: _Record, now: float, table: set[tuple[str, int]] | None) -> bool:
         if now - record.start_mono >= self.policy.start_seconds:

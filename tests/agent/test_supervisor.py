@@ -380,6 +380,30 @@ def test_listening_process_runs_before_start_seconds(make_supervisor, tmp_path):
     assert info.listen_address == f"/ip4/{LISTEN_ADDRESS}/tcp/{port}"
 
 
+def test_status_never_shows_listening_process_starting(make_supervisor, tmp_path):
+    supervisor = make_supervisor(dataclasses.replace(POLICY, start_seconds=30))
+    port = free_port_range([LISTEN_ADDRESS], 1)
+    listener = (
+        sys.executable, "-c",
+        "import socket, sys, time\n"
+        "server = socket.socket()\n"
+        "server.bind((sys.argv[1], int(sys.argv[2])))\n"
+        "server.listen()\n"
+        "time.sleep(1000)\n",
+        LISTEN_ADDRESS, str(port),
+    )
+    supervisor.start(_spec(tmp_path, listener, listen=(LISTEN_ADDRESS, port),
+                           listen_multiaddr=f"/ip4/{LISTEN_ADDRESS}/tcp/{port}"))
+    deadline = time.monotonic() + 20
+    while True:
+        [info] = supervisor.snapshot()
+        if info.listening:
+            break
+        assert time.monotonic() < deadline, f"never listened: {info}"
+    # The snapshot that first sees the port also counts the process as started.
+    assert info.state == State.RUNNING
+
+
 def test_silent_process_stays_starting(make_supervisor, tmp_path):
     supervisor = make_supervisor(dataclasses.replace(POLICY, start_seconds=30))
     port = free_port_range([LISTEN_ADDRESS], 1)
