@@ -119,11 +119,11 @@ def load(path: Path) -> AgentConfig:
 
 
 def default_metrics_address(worker_address: Any) -> str:
-    """Return where metrics are served when agent.yaml does not say.
+    """Return the metrics address used when agent.yaml sets none.
 
-    127.0.0.1 as a rule; a host whose workers bind another loopback address
-    (several agents on one machine, as in quil-coord demo) serves them on that
-    address, so the agents do not compete for one port.
+    That is 127.0.0.1, unless the workers bind another loopback address
+    (several agents on one machine, as in quil-coord demo). Then the agent
+    serves metrics on that address, so the agents do not compete for one port.
     """
     if isinstance(worker_address, str) and worker_address.startswith("127.") and worker_address != "127.0.0.1":
         return f"{worker_address}:{METRICS_PORT}"

@@ -45,8 +45,8 @@ MAX_REQUEST_CORES = 4097
 MAX_PENDING_ACTIONS = 4
 # Seconds between checks of a process's state while waiting.
 POLL_SECONDS = 0.05
-# With wait 0 the caller still learns what the action did (already running, not running, spawned):
-# the action needs only the lock and a fork, so it gets this long before the answer.
+# Seconds the action itself gets with wait 0, so the reply still reports already running, not running or
+# spawned. The action needs only the lock and a fork.
 NO_WAIT_ACTION_SECONDS = 1.0
 
 

@@ -38,5 +38,5 @@ class State(enum.Enum):
 # A process in one of these states has a live pid.
 ALIVE_STATES = frozenset({State.STARTING, State.RUNNING, State.STOPPING})
 
-# Start of the detail of a core that quil-coord stop holds stopped; quil-coord status looks for it.
+# Start of the status detail of a core kept stopped by quil-coord stop (ProcessStatus.held marks it too).
 HELD_DETAIL = "held by quil-coord stop"

@@ -360,8 +360,8 @@ def _call_apply(credentials: Credentials, host: Host, request: pb.ApplyRequest, 
 def _rebase(stub, request: pb.ApplyRequest, planned: str) -> None:
     """Before a retry, accept the config.yml an earlier attempt of this request may have written.
 
-    A timed-out or cut call may still have reached the agent, which then
-    holds the requested content; that is no edit by someone else, so the
+    A timed-out or cut call may still have reached the agent, whose file then
+    contains the requested content. That is no edit by someone else, so the
     retry is planned against it. Any other content keeps the planned hash,
     and the agent rejects the stale plan.
     """

@@ -344,7 +344,7 @@ def test_every_core_index_at_once(applied):
 def test_wait_is_clamped_to_120_seconds(applied):
     [result] = _control(applied.stub, STOP, [2], wait=1e300)
     assert (result.error, result.state) == (pb.CONTROL_ERROR_NONE, pb.PROCESS_STATE_STOPPED)
-    # A negative wait counts as 0: the answer does not wait for the new state.
+    # A negative wait counts as 0, so the reply does not wait for the new state.
     [result] = _control(applied.stub, START, [2], wait=-5)
     assert result.error == pb.CONTROL_ERROR_NONE
     assert result.detail.startswith("start requested; not waiting (wait 0) (state ")

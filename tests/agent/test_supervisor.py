@@ -400,7 +400,7 @@ def test_status_never_shows_listening_process_starting(make_supervisor, tmp_path
         if info.listening:
             break
         assert time.monotonic() < deadline, f"never listened: {info}"
-    # The snapshot that first sees the port also counts the process as started.
+    # The snapshot that first finds the port listening also counts the process as started.
     assert info.state == State.RUNNING
 
 
